@@ -1,0 +1,164 @@
+"""Hugging Face text encoders loaded offline from a local folder.
+
+Any folder written by ``save_pretrained`` (XLM-Roberta, T5/mT5 encoders, BERT/RoBERTa, CLIP text,
+decoder-only LMs) loads with transformers, never with remote code and never from the network.
+Tokenisation follows GlueGen's recipe: ``truncation=True, max_length=77, padding="max_length"``,
+attention mask passed, ``last_hidden_state`` returned for every position (padding included).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model", "vocab.txt", "vocab.json",
+)
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
+# Encoder-decoder families whose encoder has its own class, so the decoder is never loaded.
+ENCODER_CLASSES = {
+    "t5": "T5EncoderModel",
+    "mt5": "MT5EncoderModel",
+    "umt5": "UMT5EncoderModel",
+    "clip": "CLIPTextModel",
+}
+_DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+class TextEncoderFolderError(ValueError):
+    """A text-encoder folder that cannot be loaded; the message says what is missing and how to fix it."""
+
+
+def is_encoder_folder(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def list_encoder_folders(roots: Sequence[str | os.PathLike[str]], max_depth: int = 2) -> list[str]:
+    """Relative names of Hugging Face model folders (holding ``config.json``) under ``roots``."""
+    found: set[str] = set()
+    for root in map(Path, roots):
+        if not root.is_dir():
+            continue
+        frontier = [root]
+        for _ in range(max_depth):
+            next_frontier = []
+            for folder in frontier:
+                for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                    if is_encoder_folder(child):
+                        found.add(child.relative_to(root).as_posix())
+                    else:
+                        next_frontier.append(child)
+            frontier = next_frontier
+    return sorted(found)
+
+
+def check_encoder_folder(folder: Path) -> None:
+    """Raise :class:`TextEncoderFolderError` naming what a usable folder lacks."""
+    if not folder.is_dir():
+        raise TextEncoderFolderError(f"text encoder folder not found: {folder}")
+    if not (folder / CONFIG_FILE).is_file():
+        raise TextEncoderFolderError(
+            f"{folder.name} has no config.json: put a whole Hugging Face model folder (config, tokenizer and "
+            "weights, as written by save_pretrained or downloaded from the model's page) in models/text_encoders"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise TextEncoderFolderError(
+            f"{folder.name} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)}): copy the tokenizer files "
+            "from the model's Hugging Face repository into this folder"
+        )
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise TextEncoderFolderError(
+            f"{folder.name} has no weights (looked for {', '.join(WEIGHT_FILES)}): download model.safetensors "
+            "into this folder"
+        )
+
+
+class HFTextEncoder(nn.Module):
+    """A transformers encoder plus its tokenizer, as one module that ComfyUI's ModelPatcher can move.
+
+    ``device`` is a plain attribute because ComfyUI's ModelPatcher assigns it, which raw
+    transformers models reject.
+    """
+
+    def __init__(self, transformer: nn.Module, tokenizer, name: str, max_length: int = 77, use_attention_mask: bool = True) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_length = max_length
+        self.use_attention_mask = use_attention_mask
+        self.device = torch.device("cpu")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.transformer.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        for text in texts:
+            n = self.count_tokens(text)
+            if n > self.max_length:
+                logger.warning(
+                    "%s: prompt has %d tokens; like the official GlueGen recipe only the first %d are used: %.60r...",
+                    self.name, n, self.max_length, text,
+                )
+        batch = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding="max_length", return_tensors="pt"
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = attention_mask if self.use_attention_mask else None
+        return self.transformer(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[len(texts), max_length, hidden_size]`` float32 features on the encoder's device."""
+        tokens = self.tokenize(texts)
+        device = next(self.transformer.parameters()).device
+        return self(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
+
+
+def load_text_encoder(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32, max_length: int = 77) -> HFTextEncoder:
+    """Load a local Hugging Face folder as an :class:`HFTextEncoder` on the CPU (offline, no remote code)."""
+    folder = Path(folder)
+    check_encoder_folder(folder)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError) as exc:
+        raise TextEncoderFolderError(f"{folder.name}: config.json is not a model transformers knows ({exc})") from exc
+    class_name = ENCODER_CLASSES.get(config.model_type)
+    kwargs = {"local_files_only": True, _DTYPE_KWARG: dtype}
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if class_name is not None:
+            model = getattr(transformers, class_name).from_pretrained(folder, **kwargs)
+        elif getattr(config, "is_encoder_decoder", False):
+            model = transformers.AutoModel.from_pretrained(folder, **kwargs).get_encoder()
+        else:
+            model = transformers.AutoModel.from_pretrained(folder, **kwargs)
+    except OSError as exc:
+        raise TextEncoderFolderError(f"{folder.name} could not be loaded offline: {exc}") from exc
+    if tokenizer.pad_token is None:
+        # Decoder-only tokenizers often lack a pad token; padding to 77 needs one.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval().requires_grad_(False)
+    logger.info("Loaded text encoder %s (%s, hidden %d, %s)", folder.name, config.model_type, model.config.hidden_size, dtype)
+    return HFTextEncoder(model, tokenizer, folder.name, max_length=max_length)

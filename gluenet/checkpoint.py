@@ -1,0 +1,288 @@
+"""Reading and writing GlueNet files.
+
+Two formats load:
+
+- the **released GlueGen checkpoints** (``gluenet_*.ckpt``): a flat ``state_dict`` saved with
+  ``torch.save``; the architecture and sizes are read from the keys and shapes, the input/output
+  convention from the official recipe and the file name;
+- **this pack's format**: safetensors whose metadata carries the :class:`GlueNetConfig` as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import GlueNetConfig, GlueNetConfigError
+from .modules import GlueNet
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "x2i.gluenet"
+FORMAT_VERSION = "1"
+TORCH_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SUFFIXES = (".safetensors", *TORCH_PICKLE_SUFFIXES)
+
+# Language names as they appear in released file names (gluenet_French_clip_...), to ISO 639-1.
+LANGUAGE_NAMES: dict[str, str] = {
+    "chinese": "zh", "french": "fr", "italian": "it", "japanese": "ja", "spanish": "es",
+    "german": "de", "portuguese": "pt", "russian": "ru", "korean": "ko", "arabic": "ar",
+    "hindi": "hi", "dutch": "nl", "polish": "pl", "turkish": "tr", "vietnamese": "vi",
+    "indonesian": "id", "thai": "th", "swedish": "sv", "greek": "el", "czech": "cs",
+    "english": "en",
+}
+
+
+class GlueNetFileError(ValueError):
+    """A file that cannot be used as a GlueNet; the message names the problem and the fix."""
+
+
+def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DDP-trained official scripts save "module."-prefixed keys.
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _count(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    indices = {int(m.group(1)) for k in state_dict if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    return tuple(state_dict[key].shape)
+
+
+def _describe_keys(state_dict: Mapping[str, torch.Tensor], limit: int = 5) -> str:
+    keys = list(state_dict)
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} tensors ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def detect_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> GlueNetConfig:
+    """Infer the network shape of an official-format GlueNet ``state_dict`` from keys and shapes.
+
+    Only the network is described (no output scaling); :func:`official_config` adds the convention.
+    """
+    sd = state_dict
+    if "trans.net_sen.0.weight" in sd and "in_blocks.0.net_tok.0.weight" in sd:
+        t_in = _shape(sd, "in_blocks.0.net_tok.0.weight")[1]
+        d_in = _shape(sd, "in_blocks.0.net_sen.0.weight")[1]
+        return GlueNetConfig(
+            architecture="translator_w_head",
+            num_tokens=t_in,
+            in_dim=d_in,
+            out_dim=_shape(sd, "trans.net_sen.6.weight")[0],
+            num_tokens_out=_shape(sd, "trans.net_tok.6.weight")[0],
+            mult=_shape(sd, "in_blocks.0.net_sen.0.weight")[0] // d_in,
+            depth=3 + _count(sd, "out_blocks"),
+            output_scaling="none",
+        )
+    if "tail.net_sen.0.weight" in sd and "tail.net_tok.0.weight" in sd:
+        t_in = _shape(sd, "tail.net_tok.0.weight")[1]
+        d_in = _shape(sd, "tail.net_sen.0.weight")[1]
+        if "tail.net_sen.7.weight" in sd:
+            out_key, architecture = "tail.net_sen.6.weight", "translator"
+        elif "tail.net_sen.4.weight" in sd:
+            out_key, architecture = "tail.net_sen.4.weight", "translator_noln"
+        else:
+            raise GlueNetFileError(f"{source}: GlueNet tail layout not recognised: {_describe_keys(sd)}")
+        heads, dim_head = 8, 64
+        if any(k.startswith("attn.") for k in sd):
+            if architecture != "translator":
+                raise GlueNetFileError(f"{source}: a GlueNet-Trans file must have a LayerNorm tail (official Translator_attn)")
+            if _count(sd, "attn.layers") != 2:
+                raise GlueNetFileError(f"{source}: only one transformer layer (official Translator_attn depth=1) is supported")
+            inner = _shape(sd, "attn.layers.0.1.to_q.weight")[0]
+            # Head count is not recoverable from shapes; the official class uses x-transformers' 8.
+            heads, dim_head, architecture = 8, inner // 8, "translator_attn"
+        return GlueNetConfig(
+            architecture=architecture,
+            num_tokens=t_in,
+            in_dim=d_in,
+            out_dim=_shape(sd, out_key)[0],
+            mult=_shape(sd, "tail.net_sen.0.weight")[0] // d_in,
+            depth=_count(sd, "blocks"),
+            attn_heads=heads,
+            attn_dim_head=dim_head,
+            output_scaling="none",
+        )
+    raise GlueNetFileError(
+        f"{source} is not a GlueNet checkpoint: found {_describe_keys(sd)}, expected GlueGen translator keys "
+        "such as 'blocks.0.net_sen.0.weight' and 'tail.net_sen.0.weight' (multilingual) or "
+        "'in_blocks.0...' and 'trans...' (sound). Pick a gluenet_*.ckpt or a GlueNet .safetensors file."
+    )
+
+
+def language_from_filename(name: str) -> str | None:
+    """ISO 639-1 code of a released file name such as ``gluenet_French_clip_overnorm_over3_noln.ckpt``."""
+    for part in re.split(r"[_\-. ]+", Path(name).stem.lower()):
+        if part in LANGUAGE_NAMES:
+            return LANGUAGE_NAMES[part]
+    return None
+
+
+def official_config(network: GlueNetConfig, filename: str = "") -> GlueNetConfig:
+    """Add the official GlueGen input/output convention to a detected network shape.
+
+    Text GlueNets were trained on XLM-R features divided by 3 ("over3"); every released GlueNet's
+    output is multiplied by tensor_norm / 2 ("overnorm").
+    """
+    is_sound = network.architecture == "translator_w_head"
+    hint = None
+    if is_sound and (network.num_tokens, network.in_dim) == (16, 64):
+        hint = "AudioCLIP audio embedding (1024 reshaped to 16x64)"
+    elif not is_sound and network.in_dim == 1024:
+        hint = "xlm-roberta-large"
+    values = {k: getattr(network, k) for k in network.__dataclass_fields__}
+    values.update(
+        input_divisor=1.0 if is_sound else 3.0,
+        output_scaling="tensor_norm_half" if network.tokens_out == 77 else "none",
+        language=None if is_sound else language_from_filename(filename),
+        encoder_hint=hint,
+    )
+    return GlueNetConfig(**values)
+
+
+def build_gluenet(config: GlueNetConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> GlueNet:
+    """Construct the network and load ``state_dict`` strictly, with a readable error on mismatch."""
+    model = GlueNet(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {len(missing)} (e.g. {', '.join(missing[:3])})" if missing else "",
+                f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
+                f"wrong shapes {len(wrong)} (e.g. {'; '.join(wrong[:2])})" if wrong else "",
+            )
+            if part
+        )
+        raise GlueNetFileError(f"{source}: weights do not fit a {config.architecture} GlueNet: {details}")
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def _load_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise GlueNetFileError(
+            f"{path.name} could not be read as a safe PyTorch checkpoint ({type(exc).__name__}: {exc}). "
+            "It may be truncated or hold pickled code; re-download it, or convert a trusted file to "
+            "safetensors with `python -m gluenet.convert`."
+        ) from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        kind = type(obj).__name__
+        raise GlueNetFileError(
+            f"{path.name} holds a {kind}, not a GlueNet state_dict"
+            + (" (LaVi-Bridge lora_*.pt files are lists; load them with the LaVi-Bridge nodes)" if kind == "list" else "")
+        )
+    return _strip_prefixes(obj)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise GlueNetFileError(f"{path.name} is not a readable safetensors file ({exc})") from exc
+    return tensors, metadata
+
+
+def config_from_metadata(metadata: Mapping[str, str]) -> GlueNetConfig | None:
+    if metadata.get("format") != FORMAT_NAME:
+        return None
+    version = metadata.get("format_version", "")
+    if version != FORMAT_VERSION:
+        raise GlueNetFileError(
+            f"GlueNet file format version {version!r} is not supported by this ComfyUI-X2I "
+            f"(supports {FORMAT_VERSION}); update the node pack"
+        )
+    try:
+        return GlueNetConfig.from_json(metadata["config"])
+    except (KeyError, GlueNetConfigError) as exc:
+        raise GlueNetFileError(f"GlueNet metadata is broken: {exc}") from exc
+
+
+def load_gluenet(path: str | os.PathLike[str]) -> GlueNet:
+    """Load a released ``.ckpt`` or a pack ``.safetensors`` GlueNet onto the CPU, in float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlueNetFileError(f"GlueNet file not found: {path}")
+    if path.suffix.lower() == ".safetensors":
+        state_dict, metadata = read_safetensors(path)
+        config = config_from_metadata(metadata)
+        if config is None:
+            config = official_config(detect_architecture(state_dict, path.name), path.name)
+    elif path.suffix.lower() in TORCH_PICKLE_SUFFIXES:
+        state_dict = _load_torch_pickle(path)
+        config = official_config(detect_architecture(state_dict, path.name), path.name)
+    else:
+        raise GlueNetFileError(f"{path.name}: unsupported GlueNet file type; use one of {', '.join(SUFFIXES)}")
+    state_dict = {k: v.float() for k, v in state_dict.items()}
+    model = build_gluenet(config, state_dict, path.name)
+    logger.info("Loaded GlueNet %s (%s, %s -> %s)", path.name, config.architecture, model.input_shape, model.output_shape)
+    return model
+
+
+def save_gluenet(model: GlueNet, path: str | os.PathLike[str], extra_metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``model`` in this pack's format, atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
+    metadata.update(extra_metadata or {})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def probe_gluenet_file(path: str | os.PathLike[str]) -> GlueNetConfig:
+    """Read only what is needed to tell whether ``path`` is a usable GlueNet; raises GlueNetFileError."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                config = config_from_metadata(metadata)
+                if config is not None:
+                    return config
+                shapes = {k: _ShapeOnly(f.get_slice(k).get_shape()) for k in f.keys()}
+        except GlueNetFileError:
+            raise
+        except Exception as exc:
+            raise GlueNetFileError(f"{path.name} is not a readable safetensors file ({exc})") from exc
+        return official_config(detect_architecture(shapes, path.name), path.name)  # type: ignore[arg-type]
+    return load_gluenet(path).config
+
+
+class _ShapeOnly:
+    """Stands in for a tensor where only ``.shape`` is read (safetensors header probing)."""
+
+    def __init__(self, shape: list[int]) -> None:
+        self.shape = tuple(shape)

@@ -1,0 +1,101 @@
+"""Explicit configuration of a GlueNet translator and its input/output convention."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+Architecture = Literal["translator", "translator_noln", "translator_w_head", "translator_attn"]
+ARCHITECTURES: tuple[str, ...] = ("translator", "translator_noln", "translator_w_head", "translator_attn")
+
+OutputScaling = Literal["tensor_norm_half", "none"]
+OUTPUT_SCALINGS: tuple[str, ...] = ("tensor_norm_half", "none")
+
+
+class GlueNetConfigError(ValueError):
+    """A GlueNet configuration that cannot describe a working translator."""
+
+
+@dataclass(frozen=True)
+class GlueNetConfig:
+    """Shape of the translator network plus how features enter and leave it.
+
+    The four architectures are the official GlueGen classes:
+
+    - ``translator``: ``Translator`` — ``depth`` residual mixer blocks and a mixer tail with LayerNorm.
+    - ``translator_noln``: ``Translator_noln`` — the same with a LayerNorm-free tail (the released
+      multilingual GlueNets).
+    - ``translator_w_head``: ``Translator_w_head`` — 3 mixer blocks on the source grid, a token/width
+      changing mixer, ``depth - 3`` blocks on the target grid and two LayerNorm-free tails (the
+      released sound GlueNet).
+    - ``translator_attn``: ``Translator_attn`` — GlueNet-Trans: one pre-norm transformer layer before
+      the ``translator`` stack.
+    """
+
+    architecture: Architecture
+    num_tokens: int
+    in_dim: int
+    out_dim: int
+    mult: int = 2
+    depth: int = 5
+    num_tokens_out: int | None = None
+    attn_heads: int = 8
+    attn_dim_head: int = 64
+    # Official multilingual recipe: XLM-R features are divided by 3 before the network ("over3").
+    input_divisor: float = 1.0
+    # Official recipe: the output is multiplied by tensor_norm / 2 ("overnorm").
+    output_scaling: OutputScaling = "tensor_norm_half"
+    language: str | None = None
+    encoder_hint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise GlueNetConfigError(
+                f"unknown GlueNet architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}"
+            )
+        if self.output_scaling not in OUTPUT_SCALINGS:
+            raise GlueNetConfigError(
+                f"unknown output_scaling {self.output_scaling!r}; expected one of {', '.join(OUTPUT_SCALINGS)}"
+            )
+        for name in ("num_tokens", "in_dim", "out_dim", "mult", "depth", "attn_heads", "attn_dim_head"):
+            if int(getattr(self, name)) <= 0:
+                raise GlueNetConfigError(f"GlueNet {name} must be positive, got {getattr(self, name)}")
+        if self.architecture == "translator_w_head" and self.depth < 3:
+            raise GlueNetConfigError("translator_w_head needs depth >= 3 (three input-side blocks)")
+        if self.input_divisor <= 0:
+            raise GlueNetConfigError(f"input_divisor must be positive, got {self.input_divisor}")
+        if self.output_scaling == "tensor_norm_half" and self.tokens_out != 77:
+            raise GlueNetConfigError(
+                "output_scaling 'tensor_norm_half' is defined for 77 CLIP tokens only; "
+                f"this GlueNet outputs {self.tokens_out} tokens (use output_scaling='none')"
+            )
+
+    @property
+    def tokens_out(self) -> int:
+        """Number of tokens the translator emits."""
+        if self.architecture == "translator_w_head" and self.num_tokens_out is not None:
+            return self.num_tokens_out
+        return self.num_tokens
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GlueNetConfig:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GlueNetConfigError(f"GlueNet config metadata is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise GlueNetConfigError("GlueNet config metadata must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            # Newer files may carry fields this version does not know; keep them, do not guess.
+            raw = {k: v for k, v in raw.items() if k in known} | {"extra": {**raw.get("extra", {}), **{k: raw[k] for k in unknown}}}
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise GlueNetConfigError(f"GlueNet config metadata is incomplete: {exc}") from exc

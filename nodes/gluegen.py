@@ -1,0 +1,159 @@
+"""GlueGen nodes: GlueNet files in, plain SD1.x CONDITIONING out."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management as mm
+import folder_paths
+from comfy_api.latest import io
+
+from ..encoders import HFTextEncoder
+from ..gluenet import GlueNetFileError, GlueNetRouter, LanguageRoutingError, load_gluenet, probe_gluenet_file
+from ..gluenet.checkpoint import LANGUAGE_NAMES
+from .common import (
+    CATEGORY,
+    GLUENET_FOLDER,
+    GlueNetType,
+    LoadedGlueNet,
+    X2IEncoder,
+    text_encoder_patcher,
+    to_conditioning,
+)
+
+logger = logging.getLogger(__name__)
+
+LANGUAGE_CODES = sorted(set(LANGUAGE_NAMES.values()))
+FROM_FILE = "from file"
+ROUTER_SLOTS = 5
+
+
+class X2IGlueNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2IGlueNetLoader",
+            display_name="X2I GlueNet Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a GlueNet translator from models/gluenet: a released GlueGen .ckpt or a "
+            ".safetensors trained or converted with this pack.",
+            inputs=[
+                io.Combo.Input("gluenet_name", options=folder_paths.get_filename_list(GLUENET_FOLDER)),
+                io.Combo.Input(
+                    "language",
+                    options=[FROM_FILE, *LANGUAGE_CODES],
+                    default=FROM_FILE,
+                    tooltip="Language this GlueNet was trained for, used by the GlueNet Router. 'from file' reads it "
+                    "from the file name (gluenet_French_...) or its metadata.",
+                ),
+            ],
+            outputs=[GlueNetType.Output(display_name="gluenet")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, gluenet_name: str, language: str) -> bool | str:
+        path = folder_paths.get_full_path(GLUENET_FOLDER, gluenet_name)
+        if path is None:
+            return f"GlueNet file '{gluenet_name}' not found in models/{GLUENET_FOLDER}"
+        if path.lower().endswith(".safetensors"):
+            try:
+                probe_gluenet_file(path)
+            except GlueNetFileError as exc:
+                return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, gluenet_name: str, language: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(GLUENET_FOLDER, gluenet_name)
+        try:
+            model = load_gluenet(path)
+        except GlueNetFileError as exc:
+            raise ValueError(str(exc)) from exc
+        tag = model.config.language if language == FROM_FILE else language
+        return io.NodeOutput(LoadedGlueNet(text_encoder_patcher(model), os.path.basename(path), tag))
+
+
+class X2IGlueNetRouter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2IGlueNetRouter",
+            display_name="X2I GlueNet Router (language)",
+            category=f"{CATEGORY}/gluegen",
+            description="Holds GlueNets for several languages and picks the one matching each prompt, with an "
+            "offline language detector; or always the language you choose.",
+            inputs=[
+                *(GlueNetType.Input(f"gluenet_{i}", optional=True) for i in range(1, ROUTER_SLOTS + 1)),
+                io.Combo.Input(
+                    "language",
+                    options=["auto", *LANGUAGE_CODES],
+                    default="auto",
+                    tooltip="auto: detect each prompt's language among the connected GlueNets.",
+                ),
+            ],
+            outputs=[GlueNetType.Output(display_name="gluenet")],
+        )
+
+    @classmethod
+    def execute(cls, language: str, **slots: LoadedGlueNet | None) -> io.NodeOutput:
+        entries: dict[str, LoadedGlueNet] = {}
+        for slot in sorted(slots):
+            loaded = slots[slot]
+            if loaded is None:
+                continue
+            if loaded.language is None:
+                raise ValueError(
+                    f"GlueNet '{loaded.name}' ({slot}) has no language: set 'language' on its X2I GlueNet Loader"
+                )
+            if loaded.language in entries:
+                raise ValueError(
+                    f"two GlueNets for '{loaded.language}' ({entries[loaded.language].name} and {loaded.name}): "
+                    "connect one per language"
+                )
+            entries[loaded.language] = loaded
+        try:
+            return io.NodeOutput(GlueNetRouter(entries, language=language))
+        except LanguageRoutingError as exc:
+            raise ValueError(str(exc)) from exc
+
+
+class X2IGlueGenTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2IGlueGenTextEncode",
+            display_name="X2I GlueGen Text Encode",
+            category=f"{CATEGORY}/gluegen",
+            description="Encodes a prompt with the X2I text encoder and translates it through a GlueNet into "
+            "SD1.x conditioning (official recipe: GlueNet(features / 3) x tensor_norm / 2). An empty prompt is "
+            "the unconditional.",
+            inputs=[
+                X2IEncoder.Input("encoder"),
+                GlueNetType.Input("gluenet"),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="Prompt in the GlueNet's language."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, encoder, gluenet: LoadedGlueNet | GlueNetRouter, text: str) -> io.NodeOutput:
+        if not isinstance(encoder.model, HFTextEncoder):
+            raise ValueError("X2I GlueGen Text Encode needs a text encoder from X2I Text Encoder Loader")
+        if isinstance(gluenet, GlueNetRouter):
+            try:
+                route = gluenet.route(text)
+            except LanguageRoutingError as exc:
+                raise ValueError(str(exc)) from exc
+            logger.info("GlueNet router: '%s' via %s for %.40r", route.language, route.reason, text)
+            gluenet = route.target
+        text_encoder: HFTextEncoder = encoder.model
+        translator = gluenet.patcher.model
+        translator.check_source(
+            text_encoder.max_length, text_encoder.hidden_size, f"text encoder '{text_encoder.name}'"
+        )
+        mm.throw_exception_if_processing_interrupted()
+        mm.load_models_gpu([encoder, gluenet.patcher])
+        features = text_encoder.encode([text])
+        tokens = translator.translate(features)
+        return io.NodeOutput(to_conditioning(tokens))

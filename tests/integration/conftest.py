@@ -1,0 +1,152 @@
+"""Fixtures for integration tests that run the pack inside a real ComfyUI server.
+
+Needs a ComfyUI checkout named by ``COMFYUI_PATH`` (with its requirements
+installed in this Python); without it every test here is skipped. The pytest
+process itself never imports ``comfy``: the checkpoint is built and the server
+runs in subprocesses.
+
+Session fixtures, in dependency order:
+
+* ``comfyui_path``      -> Path of the ComfyUI checkout.
+* ``sd15_checkpoint``   -> Path of a cached random-weight SD1.5 checkpoint.
+* ``comfy_models_dir``  -> Path of a temp models root (checkpoints/, text_encoders/,
+  gluenet/, ...); request fixtures that add files to it *before* ``comfy_server``.
+* ``comfy_server``      -> a running ``ComfyServer`` (see comfy_harness.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+# Make the sibling helpers importable under any --import-mode (importlib mode adds nothing).
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _sd15_checkpoint import RECIPE_METADATA_KEY, RECIPE_VERSION  # noqa: E402
+from comfy_harness import MODEL_FOLDERS, ComfyServer, ServerLayout, start_server  # noqa: E402
+
+log = logging.getLogger("x2i.tests.conftest")
+
+REPO_ROOT = HERE.parents[1]
+PACK_NAME = "ComfyUI-X2I"
+SKIP_REASON = "COMFYUI_PATH is not set: integration tests need a ComfyUI checkout (see README)"
+CHECKPOINT_NAME = "sd15_random.safetensors"
+# The name example workflows use, so they run unmodified.
+CHECKPOINT_ALIAS = "v1-5-pruned-emaonly.safetensors"
+BUILD_TIMEOUT_S = 900
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here too so --strict-markers holds whatever pyproject.toml declares.
+    config.addinivalue_line("markers", "integration: starts a real ComfyUI server (needs COMFYUI_PATH)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark everything in this directory `integration`; skip (not error) it without ComfyUI.
+
+    This hook sees the items of the whole session, hence the directory filter.
+    """
+    ours = [item for item in items if HERE in Path(str(item.path)).resolve().parents]
+    for item in ours:
+        item.add_marker(pytest.mark.integration)
+    if not os.environ.get("COMFYUI_PATH"):
+        skip = pytest.mark.skip(reason=SKIP_REASON)
+        for item in ours:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    path = Path(os.environ["COMFYUI_PATH"]).expanduser().resolve()
+    if not (path / "main.py").is_file():
+        pytest.fail(f"COMFYUI_PATH={path} has no main.py; point it at a ComfyUI checkout")
+    return path
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("X2I_TEST_CACHE", "~/.cache/x2i-tests")).expanduser()
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """Read the JSON header only (8-byte little-endian length, then JSON): no torch needed."""
+    with path.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    return header.get("__metadata__", {}) or {}
+
+
+def _is_current_build(path: Path) -> bool:
+    try:
+        return _safetensors_metadata(path).get(RECIPE_METADATA_KEY) == RECIPE_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(comfyui_path: Path) -> Path:
+    """A random-weight SD1.5 single-file checkpoint (~2.1 GB fp16), built once and cached.
+
+    Built by ``_sd15_checkpoint.py`` in a subprocess, which also checks that
+    ``comfy.sd.load_checkpoint_guess_config`` loads it as SD1.5.
+    """
+    target = _cache_dir() / CHECKPOINT_NAME
+    if _is_current_build(target):
+        return target
+    log.info("building %s (about a minute)", target)
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(HERE / "_sd15_checkpoint.py"),
+         "--comfyui", str(comfyui_path), "--out", str(target)],
+        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"building the SD1.5 test checkpoint failed:\n{result.stderr[-6000:]}")
+    log.info("built %s in %.1f s", target, time.perf_counter() - started)
+    return target
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    # A hard link keeps the name a regular file; fall back to a symlink across filesystems.
+    try:
+        os.link(source, target)
+    except OSError:
+        target.symlink_to(source)
+
+
+@pytest.fixture(scope="session")
+def comfy_models_dir(tmp_path_factory: pytest.TempPathFactory, sd15_checkpoint: Path) -> Path:
+    """Models root the server reads: every MODEL_FOLDERS entry exists; the SD1.5 checkpoint
+    is ``checkpoints/v1-5-pruned-emaonly.safetensors``."""
+    models = tmp_path_factory.mktemp("models")
+    for folder in MODEL_FOLDERS:
+        (models / folder).mkdir()
+    _link_or_copy(sd15_checkpoint, models / "checkpoints" / CHECKPOINT_ALIAS)
+    return models
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory: pytest.TempPathFactory, comfyui_path: Path,
+                 comfy_models_dir: Path) -> Iterator[ComfyServer]:
+    """A ComfyUI server with this repo loaded as custom node pack ``ComfyUI-X2I``.
+
+    Everything it writes (output, input, temp, user dir, log) lives in a temp
+    dir; its database is in memory. Files added to ``comfy_models_dir`` later
+    are still found: ComfyUI rescans a folder when its mtime changes.
+    """
+    layout = ServerLayout(tmp_path_factory.mktemp("comfy"))
+    layout.create(REPO_ROOT, PACK_NAME, comfy_models_dir)
+    try:
+        server = start_server(comfyui_path, layout, comfy_models_dir)
+    except Exception as exc:  # noqa: BLE001 - report any start failure as a test failure
+        pytest.fail(f"ComfyUI did not start: {exc}", pytrace=False)
+    yield server
+    server.stop()

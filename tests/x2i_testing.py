@@ -1,0 +1,212 @@
+"""Builders of tiny real-architecture models and official-format files for the tests.
+
+Everything is made offline: sentencepiece/tokenizers vocabularies are trained on the fly, model
+folders are written with ``save_pretrained``, checkpoints with the official key names and shapes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+
+DATA_DIR = Path(__file__).parent / "data"
+
+CORPUS = [
+    "a painting of a garden in the afternoon, impressionism",
+    "a photo of an astronaut riding a horse on mars",
+    "Peinture impressionniste d'un jardin d'après-midi",
+    "un chat assis sur un tapis rouge, photographie",
+    "Pintura impresionista de un jardín de tarde",
+    "un perro corriendo en la playa al atardecer",
+    "Pittura impressionista di un giardino pomeridiano",
+    "un gatto che dorme sul divano",
+    "下午的花园的印象派绘画",
+    "一只猫坐在红色的地毯上",
+    "午後の庭の印象派絵画",
+    "赤いじゅうたんの上に座っている猫",
+]
+
+# The released multilingual GlueNet: Translator_noln(77, 1024, 768, mult=2, depth=5).
+RELEASED_TEXT_ARGS = (77, 1024, 768, 2, 5)
+# The released sound GlueNet: Translator_w_head(16, 77, 64, 768, mult=4, depth=5).
+RELEASED_SOUND_ARGS = (16, 77, 64, 768, 4, 5)
+
+
+def train_sentencepiece(vocab_size: int = 320, model_type: str = "unigram") -> spm.SentencePieceProcessor:
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def make_xlm_roberta_folder(folder: Path, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
+    """A tiny XLM-Roberta folder (tokenizer + random weights) laid out like xlm-roberta-large's."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizer
+
+    sp = train_sentencepiece()
+    # fairseq layout used by XLM-R: <s>, <pad>, </s>, <unk>, then the sentencepiece pieces, <mask> last.
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    pieces = [(p, s) for p, s in pieces if p not in ("<unk>", "<s>", "</s>")]
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces, ("<mask>", 0.0)]
+    tokenizer = XLMRobertaTokenizer(vocab=vocab)
+    config = XLMRobertaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128 + 2,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+    )
+    torch.manual_seed(seed)
+    model = XLMRobertaModel(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_t5_encoder_folder(folder: Path, d_model: int = 48, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
+    """A tiny T5 (v1.1-style, gated-gelu) folder saved as a full encoder-decoder, like google/t5-v1_1-*."""
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    sp = train_sentencepiece()
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    pieces = [(p, s) for p, s in pieces if p not in ("<unk>", "<s>", "</s>")]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    config = T5Config(
+        vocab_size=len(vocab),
+        d_model=d_model,
+        d_kv=d_model // heads,
+        d_ff=d_model * 2,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def official_layout(name: str) -> dict[str, list[int]]:
+    """Key -> shape of a released checkpoint, as read from the official classes (tests/data)."""
+    return json.loads((DATA_DIR / "gluenet_official_layouts.json").read_text())[name]
+
+
+def random_state_dict(layout: dict[str, list[int]], seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Random weights for a key -> shape layout: LayerNorm-like 1-D weights near 1, biases near 0."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in layout.items():
+        if key.endswith(".bias"):
+            state[key] = torch.randn(shape, generator=g) * std
+        elif len(shape) == 1:
+            state[key] = 1.0 + torch.randn(shape, generator=g) * 0.1
+        else:
+            fan_in = shape[1]
+            state[key] = torch.randn(shape, generator=g) / fan_in**0.5
+    return state
+
+
+def translator_noln_layout(num_tok: int, dim: int, dim_out: int, depth: int, mult: int = 2) -> dict[str, list[int]]:
+    """The official ``Translator_noln`` key -> shape layout for any size (derived from the released one)."""
+    layout: dict[str, list[int]] = {}
+    t, d = num_tok, dim
+    for i in range(depth):
+        for net, n in (("net_tok", t), ("net_sen", d)):
+            h = n * mult
+            for idx, shape in ((0, [h, n]), (1, [h]), (3, [h, h]), (4, [h]), (6, [n, h]), (7, [n])):
+                layout[f"blocks.{i}.{net}.{idx}.weight"] = shape
+                layout[f"blocks.{i}.{net}.{idx}.bias"] = [shape[0]]
+    for net, n, out in (("net_tok", t, t), ("net_sen", d, dim_out)):
+        h = n * mult
+        for idx, shape in ((0, [h, n]), (2, [h, h]), (4, [out, h])):
+            layout[f"tail.{net}.{idx}.weight"] = shape
+            layout[f"tail.{net}.{idx}.bias"] = [shape[0]]
+    return layout
+
+
+# ---- An independent reference of the official math (functional, straight from the state_dict) ----
+
+def _reference_mlp(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, layer_norm: bool) -> torch.Tensor:
+    linear_idx = (0, 3, 6) if layer_norm else (0, 2, 4)
+    for n, idx in enumerate(linear_idx):
+        x = F.linear(x, sd[f"{prefix}.{idx}.weight"], sd[f"{prefix}.{idx}.bias"])
+        if layer_norm:
+            w, b = sd[f"{prefix}.{idx + 1}.weight"], sd[f"{prefix}.{idx + 1}.bias"]
+            x = F.layer_norm(x, w.shape, w, b, eps=1e-5)
+        if n < 2:
+            x = F.gelu(x)
+    return x
+
+
+def _reference_base(sd, prefix: str, x: torch.Tensor, layer_norm: bool) -> torch.Tensor:
+    # translator_base(_noln).forward: residuals only when the width is kept.
+    same = sd[f"{prefix}.net_sen.0.weight"].shape[1] == (
+        sd[f"{prefix}.net_sen.6.weight"] if layer_norm else sd[f"{prefix}.net_sen.4.weight"]
+    ).shape[0]
+    y = _reference_mlp(sd, f"{prefix}.net_sen", x, layer_norm)
+    if same:
+        y = y + x
+    y = y.transpose(1, 2)
+    z = _reference_mlp(sd, f"{prefix}.net_tok", y, layer_norm)
+    if same:
+        z = z + y
+    return z.transpose(1, 2)
+
+
+def reference_translator_noln(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Official ``Translator_noln.forward`` written independently of the pack's modules."""
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        x = F.gelu(_reference_base(sd, f"blocks.{i}", x, layer_norm=True) + x)
+    return _reference_base(sd, "tail", x, layer_norm=False)
+
+
+def reference_tensor_norm_half() -> torch.Tensor:
+    """tensor_norm / 2 as typed in the official inference code (independent copy)."""
+    values = [
+        43.8203, 28.3668, 27.9345, 28.0084, 28.2958, 28.2576, 28.3373, 28.2695, 28.4097, 28.2790, 28.2825,
+        28.2807, 28.2775, 28.2708, 28.2682, 28.2624, 28.2589, 28.2611, 28.2616, 28.2639, 28.2613, 28.2566,
+        28.2615, 28.2665, 28.2799, 28.2885, 28.2852, 28.2863, 28.2780, 28.2818, 28.2764, 28.2532, 28.2412,
+        28.2336, 28.2514, 28.2734, 28.2763, 28.2977, 28.2971, 28.2948, 28.2818, 28.2676, 28.2831, 28.2890,
+        28.2979, 28.2999, 28.3117, 28.3363, 28.3554, 28.3626, 28.3589, 28.3597, 28.3543, 28.3660, 28.3731,
+        28.3717, 28.3812, 28.3753, 28.3810, 28.3777, 28.3693, 28.3713, 28.3670, 28.3691, 28.3679, 28.3624,
+        28.3703, 28.3703, 28.3720, 28.3594, 28.3576, 28.3562, 28.3438, 28.3376, 28.3389, 28.3433, 28.3191,
+    ]
+    return torch.tensor(values).unsqueeze(1) / 2
+
+
+def reference_gluegen_text(folder: Path, sd: dict[str, torch.Tensor], texts: list[str]) -> torch.Tensor:
+    """The official multilingual path, ``GlueNet(XLMR(text) / 3) * tensor_norm / 2``, from scratch."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True).float().eval()
+    tokens = tokenizer(texts, truncation=True, max_length=77, padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        features = model(**tokens)["last_hidden_state"] / 3
+        return reference_translator_noln(sd, features) * reference_tensor_norm_half()
