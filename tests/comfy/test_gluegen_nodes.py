@@ -94,3 +94,18 @@ def test_encoder_and_gluenet_mismatch_is_reported_before_encoding(pack, installe
     gluenet = pack.X2IGlueNetLoader.execute("gluenet_French_clip_overnorm_over3_noln.ckpt", "from file").result[0]
     with pytest.raises(ValueError, match=r"expects 77 tokens x 64 channels, but text encoder 't5-tiny' gives 77 x 48"):
         pack.X2IGlueGenTextEncode.execute(encoder, gluenet, "a cat")
+
+
+def test_translations_name_real_nodes_inputs_and_outputs(pack):
+    import json
+    from pathlib import Path
+
+    schemas = {node.define_schema().node_id: node.define_schema() for node in asyncio.run(pack.X2IExtension().get_node_list())}
+    locales = sorted((Path(__file__).resolve().parents[2] / "locales").glob("*/nodeDefs.json"))
+    assert {p.parent.name for p in locales} >= {"fr", "es", "zh", "ja"}
+    for path in locales:
+        for node_id, entry in json.loads(path.read_text(encoding="utf-8")).items():
+            schema = schemas[node_id]
+            assert entry["display_name"] and entry["description"], (path, node_id)
+            assert set(entry["inputs"]) <= {i.id for i in schema.inputs}, (path, node_id)
+            assert {int(k) for k in entry["outputs"]} <= set(range(len(schema.outputs))), (path, node_id)
