@@ -188,17 +188,34 @@ class GlueNet(nn.Module):
             f"for, or a GlueNet trained for this encoder (width {width})."
         )
 
-    def check_features(self, features: torch.Tensor, source: str = "the encoder") -> None:
+    def check_embedding(self, size: int, source: str = "the encoder") -> None:
+        """Raise a clear error when a ``size``-long embedding cannot be reshaped into this GlueNet's input."""
+        tokens, width = self.input_shape
+        if size != tokens * width:
+            hint = f" (trained on {self.config.encoder_hint})" if self.config.encoder_hint else ""
+            raise ValueError(
+                f"GlueNet input mismatch: this GlueNet{hint} expects an embedding of {tokens} x {width} = "
+                f"{tokens * width} values, but {source} gives {size}. Load the encoder this GlueNet was trained "
+                "for, or a GlueNet trained for this encoder."
+            )
+
+    def as_tokens(self, features: torch.Tensor, source: str = "the encoder") -> torch.Tensor:
+        """``[B, T, D]`` token features as they are, or ``[B, T*D]`` embeddings (sound, point clouds)
+        reshaped row-major to ``[B, T, D]`` as GlueGen does (AudioCLIP's 1024 -> 16 x 64)."""
+        if features.ndim == 2:
+            self.check_embedding(features.shape[1], source)
+            return features.reshape(features.shape[0], *self.input_shape)
         if features.ndim != 3:
             raise ValueError(f"GlueNet expects [batch, tokens, channels] features, got shape {tuple(features.shape)}")
         self.check_source(features.shape[1], features.shape[2], source)
+        return features
 
-    def translate(self, features: torch.Tensor) -> torch.Tensor:
-        """Source-encoder features ``[B, T, D_in]`` to target conditioning ``[B, T_out, D_out]``,
-        with the official scaling: ``GlueNet(features / input_divisor) * tensor_norm / 2``."""
-        self.check_features(features)
+    def translate(self, features: torch.Tensor, source: str = "the encoder") -> torch.Tensor:
+        """Source-encoder features ``[B, T, D_in]`` (or ``[B, T*D_in]`` embeddings) to target
+        conditioning ``[B, T_out, D_out]``, with the official scaling:
+        ``GlueNet(features / input_divisor) * tensor_norm / 2``."""
         param = next(self.parameters())
-        x = features.to(device=param.device, dtype=param.dtype)
+        x = self.as_tokens(features, source).to(device=param.device, dtype=param.dtype)
         if self.config.input_divisor != 1.0:
             x = x / self.config.input_divisor
         y = self(x)

@@ -5,11 +5,22 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from .audio import AUDIO_ENCODER_FOLDER, X2IAudioEncoderLoader, X2IGlueGenAudioEncode
 from .common import GLUENET_EXTENSIONS, GLUENET_FOLDER, TEXT_ENCODER_FOLDERS, register_model_folder
+from .fusion import X2ITopKFusion
 from .gluegen import X2IGlueGenTextEncode, X2IGlueNetLoader, X2IGlueNetRouter
+from .pointcloud import (
+    POINT_ENCODER_EXTENSIONS,
+    POINT_ENCODER_FOLDER,
+    X2IGlueGenPointCloudEncode,
+    X2IPointCloudEncoderLoader,
+    X2IPointCloudLoader,
+)
 from .text_encoders import X2ITextEncoderLoader
 
 register_model_folder(GLUENET_FOLDER, GLUENET_EXTENSIONS)
+register_model_folder(POINT_ENCODER_FOLDER, POINT_ENCODER_EXTENSIONS)
+register_model_folder(AUDIO_ENCODER_FOLDER, (".pt", ".pth", ".ckpt"))
 for _folder in TEXT_ENCODER_FOLDERS:
     register_model_folder(_folder, ())
 
@@ -17,4 +28,15 @@ for _folder in TEXT_ENCODER_FOLDERS:
 class X2IExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [X2ITextEncoderLoader, X2IGlueNetLoader, X2IGlueNetRouter, X2IGlueGenTextEncode]
+        return [
+            X2ITextEncoderLoader,
+            X2IGlueNetLoader,
+            X2IGlueNetRouter,
+            X2IGlueGenTextEncode,
+            X2IAudioEncoderLoader,
+            X2IGlueGenAudioEncode,
+            X2IPointCloudLoader,
+            X2IPointCloudEncoderLoader,
+            X2IGlueGenPointCloudEncode,
+            X2ITopKFusion,
+        ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import comfy.model_management as mm
@@ -21,6 +21,7 @@ CATEGORY = "X2I"
 # Custom types: their names are part of saved workflows.
 X2IEncoder = io.Custom("X2I_ENCODER")
 GlueNetType = io.Custom("GLUENET")
+PointCloudType = io.Custom("POINT_CLOUD")
 
 TEXT_ENCODER_FOLDERS = ("text_encoders", "x2i_text_encoders")
 GLUENET_FOLDER = "gluenet"
@@ -91,3 +92,14 @@ class LoadedGlueNet:
 def to_conditioning(tokens: torch.Tensor) -> list:
     """Wrap ``[B, T, C]`` embeddings the way CLIPTextEncode does, on ComfyUI's intermediate device."""
     return [[tokens.to(device=mm.intermediate_device(), dtype=torch.float32), {}]]
+
+
+def translate_to_conditioning(encoder, gluenet: LoadedGlueNet, encode: Callable[[], torch.Tensor]) -> list:
+    """Load the encoder and the GlueNet where ComfyUI wants them, encode, translate, wrap.
+
+    ``encode`` runs after loading, so it sees both models on their load device.
+    """
+    mm.throw_exception_if_processing_interrupted()
+    mm.load_models_gpu([encoder, gluenet.patcher])
+    features = encode()
+    return to_conditioning(gluenet.patcher.model.translate(features, f"encoder '{encoder.model.name}'"))

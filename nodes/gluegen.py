@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import os
 
-import comfy.model_management as mm
 import folder_paths
 from comfy_api.latest import io
 
 from ..encoders import HFTextEncoder
-from ..gluenet import GlueNetFileError, GlueNetRouter, LanguageRoutingError, load_gluenet, probe_gluenet_file
+from ..gluenet import GlueNetFileError, GlueNetRouter, load_gluenet, probe_gluenet_file
 from ..gluenet.checkpoint import LANGUAGE_NAMES
 from .common import (
     CATEGORY,
@@ -19,7 +18,7 @@ from .common import (
     LoadedGlueNet,
     X2IEncoder,
     text_encoder_patcher,
-    to_conditioning,
+    translate_to_conditioning,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,10 +65,7 @@ class X2IGlueNetLoader(io.ComfyNode):
     @classmethod
     def execute(cls, gluenet_name: str, language: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(GLUENET_FOLDER, gluenet_name)
-        try:
-            model = load_gluenet(path)
-        except GlueNetFileError as exc:
-            raise ValueError(str(exc)) from exc
+        model = load_gluenet(path)
         tag = model.config.language if language == FROM_FILE else language
         return io.NodeOutput(LoadedGlueNet(text_encoder_patcher(model), os.path.basename(path), tag))
 
@@ -112,10 +108,7 @@ class X2IGlueNetRouter(io.ComfyNode):
                     "connect one per language"
                 )
             entries[loaded.language] = loaded
-        try:
-            return io.NodeOutput(GlueNetRouter(entries, language=language))
-        except LanguageRoutingError as exc:
-            raise ValueError(str(exc)) from exc
+        return io.NodeOutput(GlueNetRouter(entries, language=language))
 
 
 class X2IGlueGenTextEncode(io.ComfyNode):
@@ -141,10 +134,7 @@ class X2IGlueGenTextEncode(io.ComfyNode):
         if not isinstance(encoder.model, HFTextEncoder):
             raise ValueError("X2I GlueGen Text Encode needs a text encoder from X2I Text Encoder Loader")
         if isinstance(gluenet, GlueNetRouter):
-            try:
-                route = gluenet.route(text)
-            except LanguageRoutingError as exc:
-                raise ValueError(str(exc)) from exc
+            route = gluenet.route(text)
             logger.info("GlueNet router: '%s' via %s for %.40r", route.language, route.reason, text)
             gluenet = route.target
         text_encoder: HFTextEncoder = encoder.model
@@ -152,8 +142,4 @@ class X2IGlueGenTextEncode(io.ComfyNode):
         translator.check_source(
             text_encoder.max_length, text_encoder.hidden_size, f"text encoder '{text_encoder.name}'"
         )
-        mm.throw_exception_if_processing_interrupted()
-        mm.load_models_gpu([encoder, gluenet.patcher])
-        features = text_encoder.encode([text])
-        tokens = translator.translate(features)
-        return io.NodeOutput(to_conditioning(tokens))
+        return io.NodeOutput(translate_to_conditioning(encoder, gluenet, lambda: text_encoder.encode([text])))

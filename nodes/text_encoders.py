@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..encoders import TextEncoderFolderError, list_encoder_folders, load_text_encoder
+from ..encoders import list_encoder_folders, load_text_encoder
 from .common import (
     CATEGORY,
     DTYPE_CHOICES,
@@ -46,8 +46,5 @@ class X2ITextEncoderLoader(io.ComfyNode):
     @classmethod
     def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
         folder = resolve_encoder_folder(encoder_name)
-        try:
-            module = load_text_encoder(folder, dtype=encoder_dtype(dtype, mm.text_encoder_device()))
-        except TextEncoderFolderError as exc:
-            raise ValueError(str(exc)) from exc
+        module = load_text_encoder(folder, dtype=encoder_dtype(dtype, mm.text_encoder_device()))
         return io.NodeOutput(text_encoder_patcher(module))

@@ -40,3 +40,10 @@ def small_text_gluenet_ckpt(tmp_path_factory, small_text_gluenet_state) -> Path:
     path = tmp_path_factory.mktemp("gluenet") / "gluenet_French_clip_overnorm_over3_noln.ckpt"
     torch.save(small_text_gluenet_state, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clap(tmp_path_factory) -> Path:
+    from x2i_testing import make_clap_folder
+
+    return make_clap_folder(tmp_path_factory.mktemp("encoders") / "clap-tiny")

@@ -48,9 +48,13 @@ def test_released_sound_file_loads_with_output_scaling_only(tmp_path):
     model = load_gluenet(path)
     assert model.config.architecture == "translator_w_head"
     assert model.config.input_divisor == 1.0 and model.config.language is None
-    x = torch.randn(1, 16, 64)
+    embedding = torch.nn.functional.normalize(torch.randn(2, 1024), dim=-1)
     with torch.no_grad():
-        assert torch.allclose(model.translate(x), model(x) * reference_tensor_norm_half(), atol=1e-5)
+        # GlueGen: z.reshape(B, 16, 1024 // 16), then GlueNet, then x tensor_norm / 2.
+        expected = model(embedding.reshape(2, 16, 64)) * reference_tensor_norm_half()
+        torch.testing.assert_close(model.translate(embedding), expected)
+    with pytest.raises(ValueError, match="expects an embedding of 16 x 64 = 1024 values, but encoder 'clap' gives 512"):
+        model.translate(torch.zeros(1, 512), "encoder 'clap'")
 
 
 def test_pack_format_round_trip_keeps_config_and_numbers(small_text_gluenet_ckpt, tmp_path):

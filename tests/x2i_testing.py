@@ -6,8 +6,10 @@ folders are written with ``save_pretrained``, checkpoints with the official key 
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import math
 from pathlib import Path
 
 import sentencepiece as spm
@@ -210,3 +212,113 @@ def reference_gluegen_text(folder: Path, sd: dict[str, torch.Tensor], texts: lis
     with torch.no_grad():
         features = model(**tokens)["last_hidden_state"] / 3
         return reference_translator_noln(sd, features) * reference_tensor_norm_half()
+
+
+def make_clap_folder(folder: Path, projection_dim: int = 32, seed: int = 0) -> Path:
+    """A tiny CLAP (HTSAT audio tower + RoBERTa text tower) folder with its feature extractor,
+    laid out like laion/clap-htsat-unfused (truncation 'rand_trunc', 48 kHz, 10 s)."""
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
+
+    audio = dict(
+        hidden_size=128, patch_embeds_hidden_size=16, depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+        projection_dim=projection_dim, window_size=8, spec_size=256, num_mel_bins=64,
+    )
+    text = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                projection_dim=projection_dim, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = ClapModel(ClapConfig(audio_config=audio, text_config=text, projection_dim=projection_dim)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    ClapFeatureExtractor(truncation="rand_trunc").save_pretrained(folder)
+    return folder
+
+
+# ---- ULIP PointBERT checkpoints in the released layout ----
+
+def official_pointbert_layout(variant: str) -> dict[str, list[int]]:
+    """Official ULIP keys (``point_encoder.*`` + ``pc_projection``) → shape."""
+    return json.loads((DATA_DIR / "pointbert_official_layouts.json").read_text())[variant]
+
+
+def stripped_pointbert_layout(variant: str) -> dict[str, list[int]]:
+    return {k.removeprefix("point_encoder."): v for k, v in official_pointbert_layout(variant).items()}
+
+
+def fake_ulip_checkpoint(variant: str, seed: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A released-style ULIP file: DDP prefixes, image/text towers, logit_scale, optimizer state, argparse args."""
+    gen = torch.Generator().manual_seed(seed)
+    point_state = {
+        k: (torch.tensor(7) if k.endswith("num_batches_tracked") else torch.randn(shape, generator=gen) * 0.05 + (1.0 if k.endswith("running_var") else 0.0))
+        for k, shape in stripped_pointbert_layout(variant).items()
+    }
+    state_dict = {("module.pc_projection" if k == "pc_projection" else f"module.point_encoder.{k}"): v for k, v in point_state.items()}
+    state_dict.update({
+        "module.logit_scale": torch.tensor(4.6),
+        "module.visual.patch_embed.proj.weight": torch.zeros(8, 3, 2, 2),
+        "module.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(12, 4),
+        "module.token_embedding.weight": torch.zeros(10, 4),
+        "module.image_projection": torch.zeros(4, 4),
+        "module.text_projection": torch.zeros(4, 4),
+    })
+    checkpoint = {
+        "epoch": "last",
+        "state_dict": state_dict,
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
+        "scaler": {"scale": 65536.0},
+        "best_acc1": 60.3,
+        "args": argparse.Namespace(model="ULIP_PointBERT", npoints=8192, output_dir="./outputs"),
+    }
+    return checkpoint, point_state
+
+
+# ---- AudioCLIP audio branch in the released layout ----
+
+def seeded_audio_weights(layout: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic full-size weights for the audio branch, one generator, keys in sorted order.
+
+    Convolutions He-scaled, BatchNorm affine near identity, the fbsp layer away from its DFT
+    initialisation (fractional ``m`` makes the side-lobe powers complex). The window and the running
+    statistics are placeholders: :func:`golden_weights` puts in the official ones.
+    """
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for key in sorted(layout):
+        shape = layout[key]
+        module, _, leaf = key.rpartition(".")
+        is_batch_norm = f"{module}.running_mean" in layout
+        if key == "window" or leaf == "running_var":
+            value = torch.ones(shape)
+        elif leaf == "running_mean":
+            value = torch.zeros(shape)
+        elif leaf == "num_batches_tracked":
+            value = torch.zeros(shape, dtype=torch.int64)
+        elif key == "fbsp.m":
+            value = torch.rand(shape, generator=g) * 2.3 + 0.2
+        elif key == "fbsp.fb":
+            value = torch.rand(shape, generator=g) * 1.5 + 0.5
+        elif key == "fbsp.fc":
+            value = torch.arange(shape[0], dtype=torch.float32) + torch.rand(shape, generator=g) - 0.5
+        elif key == "fbsp.bias":
+            value = torch.empty(shape)
+        elif is_batch_norm and leaf == "weight":
+            value = torch.rand(shape, generator=g) + 0.5
+        elif leaf == "bias":
+            value = torch.randn(shape, generator=g) * 0.1
+        elif len(shape) == 4:
+            value = torch.randn(shape, generator=g) * math.sqrt(2.0 / (shape[1] * shape[2] * shape[3]))
+        else:
+            value = torch.randn(shape, generator=g) / math.sqrt(shape[1])
+        state[key] = value
+    return state
+
+
+def audioclip_full_checkpoint(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Write a released-style ``AudioCLIP-Full-Training.pt``: every audio key under ``audio.`` (full
+    size, seeded), plus image/text-tower decoys; returns the audio weights without the prefix."""
+    layout = json.loads((DATA_DIR / "audioclip_official_layout.json").read_text())["audio_keys"]
+    weights = seeded_audio_weights(layout, seed)
+    state = {f"audio.{k}": v for k, v in weights.items()}
+    state.update({"logit_scale": torch.tensor(4.6), "visual.conv1.weight": torch.zeros(8, 3, 2, 2),
+                  "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(12, 4)})
+    torch.save(state, path)
+    return weights

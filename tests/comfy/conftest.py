@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -55,3 +56,20 @@ def pack(comfy):
     sys.modules[PACK_MODULE] = module
     spec.loader.exec_module(module)
     return importlib.import_module(f"{PACK_MODULE}.nodes")
+
+
+@pytest.fixture(scope="session")
+def x2i(pack):
+    """``x2i("gluenet.modules")``: a submodule of the pack as ComfyUI imported it (not the top-level copy)."""
+    return lambda name: importlib.import_module(f"{PACK_MODULE}.{name}")
+
+
+@pytest.fixture(scope="session")
+def installed(comfy, tiny_xlmr, small_text_gluenet_ckpt):
+    """Model files placed where a user puts them."""
+    models = comfy["models"]
+    shutil.copytree(tiny_xlmr, models / "text_encoders" / "xlm-roberta-tiny", dirs_exist_ok=True)
+    for language in ("French", "Spanish"):
+        shutil.copy(small_text_gluenet_ckpt, models / "gluenet" / f"gluenet_{language}_clip_overnorm_over3_noln.ckpt")
+    (models / "gluenet" / "not_a_gluenet.safetensors").write_bytes(b"garbage")
+    return models

@@ -12,24 +12,18 @@ from safetensors.torch import save_file
 from x2i_testing import reference_gluegen_text
 
 
-@pytest.fixture(scope="module")
-def installed(comfy, tiny_xlmr, small_text_gluenet_ckpt):
-    """Model files placed where a user puts them."""
-    models = comfy["models"]
-    shutil.copytree(tiny_xlmr, models / "text_encoders" / "xlm-roberta-tiny", dirs_exist_ok=True)
-    for language in ("French", "Spanish"):
-        shutil.copy(small_text_gluenet_ckpt, models / "gluenet" / f"gluenet_{language}_clip_overnorm_over3_noln.ckpt")
-    (models / "gluenet" / "not_a_gluenet.safetensors").write_bytes(b"garbage")
-    return models
-
-
 def _node_ids(pack) -> list[str]:
     extension = asyncio.run(pack.X2IExtension().get_node_list())
     return [node.define_schema().node_id for node in extension]
 
 
 def test_node_ids_are_the_public_contract(pack):
-    assert _node_ids(pack) == ["X2ITextEncoderLoader", "X2IGlueNetLoader", "X2IGlueNetRouter", "X2IGlueGenTextEncode"]
+    assert _node_ids(pack) == [
+        "X2ITextEncoderLoader", "X2IGlueNetLoader", "X2IGlueNetRouter", "X2IGlueGenTextEncode",
+        "X2IAudioEncoderLoader", "X2IGlueGenAudioEncode",
+        "X2IPointCloudLoader", "X2IPointCloudEncoderLoader", "X2IGlueGenPointCloudEncode",
+        "X2ITopKFusion",
+    ]
 
 
 def test_loaders_list_the_installed_files(pack, installed):

@@ -25,6 +25,7 @@ log = logging.getLogger("x2i.tests.comfy")
 # Model folders the server gets from the test models dir (names are ComfyUI folder keys).
 MODEL_FOLDERS = (
     "checkpoints", "text_encoders", "gluenet", "vae", "loras", "diffusion_models", "audio_encoders",
+    "point_encoders",
 )
 STARTUP_TIMEOUT_S = 120.0
 POLL_INTERVAL_S = 0.25
@@ -256,3 +257,20 @@ def start_server(comfyui_path: Path, layout: ServerLayout, models_dir: Path) -> 
         raise
     log.info("ComfyUI ready at %s in %.1f s", server.url, time.perf_counter() - started)
     return server
+
+
+WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
+
+
+def shipped_workflow_prompt(name: str, server: ComfyServer, size: int = 64, steps: int = 2) -> dict[str, Any]:
+    """API prompt of ``workflows/<name>`` as the frontend would send it, shrunk to ``size`` pixels and
+    ``steps`` sampling steps so a 2-core CPU runs it in seconds; everything else as shipped."""
+    from ui_workflow import ui_to_api
+
+    prompt = ui_to_api(json.loads((WORKFLOWS_DIR / name).read_text(encoding="utf-8")), server.object_info())
+    for node in prompt.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=size, height=size)
+        if node["class_type"] == "KSampler":
+            node["inputs"].update(steps=steps)
+    return prompt

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 # Make the sibling helpers importable under any --import-mode (importlib mode adds nothing).
@@ -34,6 +36,10 @@ if str(HERE) not in sys.path:
 
 from _sd15_checkpoint import RECIPE_METADATA_KEY, RECIPE_VERSION  # noqa: E402
 from comfy_harness import MODEL_FOLDERS, ComfyServer, ServerLayout, start_server  # noqa: E402
+
+from gluenet import GlueNetConfig, save_gluenet  # noqa: E402
+from gluenet.modules import GlueNet  # noqa: E402
+from x2i_testing import make_t5_encoder_folder, make_xlm_roberta_folder, official_layout, random_state_dict  # noqa: E402
 
 log = logging.getLogger("x2i.tests.conftest")
 
@@ -150,3 +156,32 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, comfyui_path: Path,
         pytest.fail(f"ComfyUI did not start: {exc}", pytrace=False)
     yield server
     server.stop()
+
+
+LANGUAGES = ("Chinese", "French", "Italian", "Japanese", "Spanish")
+T5_HIDDEN = 48
+
+
+@pytest.fixture(scope="session")
+def gluegen_models(comfy_models_dir: Path) -> Path:
+    """The files the shipped workflows name, as tiny real-architecture stand-ins.
+
+    The multilingual GlueNets are full-size released-format checkpoints (77x1024 -> 768), so the
+    stand-in XLM-R is 1024 wide (one layer) like xlm-roberta-large.
+    """
+    encoders = comfy_models_dir / "text_encoders"
+    make_xlm_roberta_folder(encoders / "xlm-roberta-large", hidden=1024, layers=1, heads=8)
+    make_t5_encoder_folder(encoders / "t5-v1_1-large", d_model=T5_HIDDEN)
+    gluenets = comfy_models_dir / "gluenet"
+    released = gluenets / "gluenet_French_clip_overnorm_over3_noln.ckpt"
+    torch.save(random_state_dict(official_layout("Translator_noln(77,1024,768,2,5)"), seed=7), released)
+    for language in LANGUAGES:
+        target = gluenets / f"gluenet_{language}_clip_overnorm_over3_noln.ckpt"
+        if not target.exists():
+            os.link(released, target)
+    config = GlueNetConfig("translator_noln", num_tokens=77, in_dim=T5_HIDDEN, out_dim=768, depth=2, encoder_hint="t5-v1_1-large")
+    torch.manual_seed(0)
+    save_gluenet(GlueNet(config), gluenets / "gluenet_t5-v1_1-large_sd15.safetensors")
+    # A LoRA sitting in the wrong folder: a valid safetensors file that is not a GlueNet.
+    save_file({"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 2)}, str(gluenets / "not_a_gluenet.safetensors"))
+    return comfy_models_dir

@@ -1,0 +1,95 @@
+"""Sound to image: AudioCLIP or CLAP embeddings through a sound GlueNet into SD1.x conditioning."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import comfy.model_management as mm
+import folder_paths
+from comfy_api.latest import io
+
+from ..encoders.audioclip import load_audioclip_audio
+from ..encoders.clap import is_clap_folder, load_clap_audio
+from ..encoders.text import list_encoder_folders
+from .common import (
+    CATEGORY,
+    DTYPE_CHOICES,
+    GlueNetType,
+    LoadedGlueNet,
+    X2IEncoder,
+    encoder_dtype,
+    text_encoder_patcher,
+    translate_to_conditioning,
+)
+
+AUDIO_ENCODER_FOLDER = "audio_encoders"
+
+
+def _audio_encoder_choices() -> list[str]:
+    files = [name for name in folder_paths.get_filename_list(AUDIO_ENCODER_FOLDER) if name.lower().endswith((".pt", ".pth", ".ckpt"))]
+    roots = folder_paths.get_folder_paths(AUDIO_ENCODER_FOLDER)
+    folders = [name for name in list_encoder_folders(roots) if any(is_clap_folder(Path(root) / name) for root in roots)]
+    return sorted(files) + folders
+
+
+class X2IAudioEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2IAudioEncoderLoader",
+            display_name="X2I Audio Encoder Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a sound encoder from models/audio_encoders: the audio branch of AudioCLIP "
+            "(AudioCLIP-Full-Training.pt, what GlueGen's sound GlueNet was trained on) or a CLAP folder.",
+            inputs=[
+                io.Combo.Input("encoder_name", options=_audio_encoder_choices()),
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto"),
+            ],
+            outputs=[X2IEncoder.Output(display_name="encoder")],
+        )
+
+    @classmethod
+    def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
+        torch_dtype = encoder_dtype(dtype, mm.text_encoder_device())
+        for root in folder_paths.get_folder_paths(AUDIO_ENCODER_FOLDER):
+            folder = Path(root) / encoder_name
+            if folder.is_dir():
+                return io.NodeOutput(text_encoder_patcher(load_clap_audio(folder, dtype=torch_dtype)))
+        path = folder_paths.get_full_path_or_raise(AUDIO_ENCODER_FOLDER, encoder_name)
+        module = load_audioclip_audio(path).to(torch_dtype)
+        module.name = os.path.basename(path)
+        return io.NodeOutput(text_encoder_patcher(module))
+
+
+class X2IGlueGenAudioEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2IGlueGenAudioEncode",
+            display_name="X2I GlueGen Audio Encode",
+            category=f"{CATEGORY}/gluegen",
+            description="Turns sound (from Load Audio) into SD1.x conditioning through a sound GlueNet. One "
+            "conditioning per clip of the batch. For the negative, use CLIP Text Encode with an empty prompt.",
+            inputs=[
+                X2IEncoder.Input("encoder"),
+                GlueNetType.Input("gluenet"),
+                io.Audio.Input("audio"),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, encoder, gluenet: LoadedGlueNet, audio: dict) -> io.NodeOutput:
+        audio_encoder = encoder.model
+        if not hasattr(audio_encoder, "encode_audio"):
+            raise ValueError(
+                f"'{getattr(audio_encoder, 'name', 'this encoder')}' is not a sound encoder: load one with X2I Audio Encoder Loader"
+            )
+        if not hasattr(gluenet, "patcher"):
+            raise ValueError("the GlueNet Router chooses by language and is for text: connect an X2I GlueNet Loader")
+        gluenet.patcher.model.check_embedding(audio_encoder.output_dim, f"encoder '{audio_encoder.name}'")
+        waveform, sample_rate = audio["waveform"], int(audio["sample_rate"])
+        return io.NodeOutput(
+            translate_to_conditioning(encoder, gluenet, lambda: audio_encoder.encode_audio(waveform, sample_rate))
+        )

@@ -1,0 +1,41 @@
+"""Training-free multimodal fusion of two conditionings (GlueGen's top-K token concatenation)."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..gluenet.fusion import top_k_fusion
+from .common import CATEGORY
+
+logger = logging.getLogger(__name__)
+
+
+class X2ITopKFusion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2ITopKFusion",
+            display_name="X2I Top-K Fusion",
+            category=f"{CATEGORY}/gluegen",
+            description="Mixes two conditionings of the same shape (e.g. a sound and a style prompt): the first K tokens "
+            "of each, then the average of the rest. Small K lets the first input lead; K near 10 lets text lead. "
+            "Chain two nodes for three modalities.",
+            inputs=[
+                io.Conditioning.Input("conditioning_a", tooltip="Its first K tokens come first; its options are kept."),
+                io.Conditioning.Input("conditioning_b"),
+                io.Int.Input("k", default=5, min=0, max=38, tooltip="GlueGen's demo uses 3 to 7."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, conditioning_a: list, conditioning_b: list, k: int) -> io.NodeOutput:
+        if not conditioning_a or not conditioning_b:
+            raise ValueError("X2I Top-K Fusion needs two non-empty conditionings")
+        if len(conditioning_b) > 1:
+            logger.warning("X2I Top-K Fusion: conditioning_b has %d entries; only the first is fused", len(conditioning_b))
+        other = conditioning_b[0][0]
+        fused = [[top_k_fusion(tokens, other, k), dict(options)] for tokens, options in conditioning_a]
+        return io.NodeOutput(fused)

@@ -1,0 +1,130 @@
+"""Point cloud to image: files to POINT_CLOUD, ULIP PointBERT embeddings through a GlueNet."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management as mm
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..encoders.pointbert import load_ulip_pointbert
+from ..encoders.pointcloud import SUFFIXES, UP_AXES, PointCloud, load_point_cloud, render_preview
+from .common import (
+    CATEGORY,
+    DTYPE_CHOICES,
+    GlueNetType,
+    LoadedGlueNet,
+    PointCloudType,
+    X2IEncoder,
+    encoder_dtype,
+    text_encoder_patcher,
+    translate_to_conditioning,
+)
+
+POINT_ENCODER_FOLDER = "point_encoders"
+POINT_ENCODER_EXTENSIONS = (".pt", ".pth", ".ckpt", ".safetensors")
+
+
+def _input_point_clouds() -> list[str]:
+    root = folder_paths.get_input_directory()
+    found = []
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if name.lower().endswith(SUFFIXES):
+                found.append(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+class X2IPointCloudLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2IPointCloudLoader",
+            display_name="X2I Load Point Cloud",
+            category=f"{CATEGORY}/loaders",
+            description="Reads a point cloud or mesh from ComfyUI's input folder (.ply, .obj, .off, .stl, .glb, .npy, "
+            ".npz, .xyz, .txt); meshes are sampled on their surface. Centred and scaled to the unit sphere; colours kept.",
+            inputs=[
+                io.Combo.Input("file", options=_input_point_clouds()),
+                io.Int.Input("surface_points", default=10000, min=512, max=1_000_000, tooltip="Points sampled on a mesh surface."),
+                io.Combo.Input("preview_up_axis", options=list(UP_AXES), default="y", tooltip="y for OBJ/glTF/ShapeNet models, z for scans and CAD."),
+            ],
+            outputs=[PointCloudType.Output(display_name="point_cloud"), io.Image.Output(display_name="preview")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, file: str, surface_points: int, preview_up_axis: str) -> bool | str:
+        if not os.path.isfile(os.path.join(folder_paths.get_input_directory(), file)):
+            return f"point cloud file '{file}' not found in ComfyUI's input folder"
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, file: str, surface_points: int, preview_up_axis: str) -> float | None:
+        # Re-read when the file changes on disk, not only when its name changes.
+        path = os.path.join(folder_paths.get_input_directory(), file)
+        return os.path.getmtime(path) if os.path.isfile(path) else None
+
+    @classmethod
+    def execute(cls, file: str, surface_points: int, preview_up_axis: str) -> io.NodeOutput:
+        cloud = load_point_cloud(os.path.join(folder_paths.get_input_directory(), file), surface_points=surface_points)
+        preview = render_preview(cloud, up_axis=preview_up_axis).unsqueeze(0)
+        return io.NodeOutput(cloud, preview, ui=ui.PreviewImage(preview, cls=cls))
+
+
+class X2IPointCloudEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2IPointCloudEncoderLoader",
+            display_name="X2I Point Cloud Encoder Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads ULIP's PointBERT point-cloud encoder (ULIP-1 or ULIP-2) from models/point_encoders.",
+            inputs=[
+                io.Combo.Input("encoder_name", options=folder_paths.get_filename_list(POINT_ENCODER_FOLDER)),
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto"),
+            ],
+            outputs=[X2IEncoder.Output(display_name="encoder")],
+        )
+
+    @classmethod
+    def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(POINT_ENCODER_FOLDER, encoder_name)
+        module = load_ulip_pointbert(path).to(encoder_dtype(dtype, mm.text_encoder_device()))
+        module.name = os.path.basename(path)
+        return io.NodeOutput(text_encoder_patcher(module))
+
+
+class X2IGlueGenPointCloudEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2IGlueGenPointCloudEncode",
+            display_name="X2I GlueGen Point Cloud Encode",
+            category=f"{CATEGORY}/gluegen",
+            description="Turns a point cloud into SD1.x conditioning through a point-cloud GlueNet (train one with "
+            "this pack's trainer: none was released).",
+            inputs=[
+                X2IEncoder.Input("encoder"),
+                GlueNetType.Input("gluenet"),
+                PointCloudType.Input("point_cloud"),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, encoder, gluenet: LoadedGlueNet, point_cloud: PointCloud) -> io.NodeOutput:
+        point_encoder = encoder.model
+        if not hasattr(point_encoder, "encode_points"):
+            raise ValueError(
+                f"'{getattr(point_encoder, 'name', 'this encoder')}' is not a point-cloud encoder: load one with "
+                "X2I Point Cloud Encoder Loader"
+            )
+        if not hasattr(gluenet, "patcher"):
+            raise ValueError("the GlueNet Router chooses by language and is for text: connect an X2I GlueNet Loader")
+        gluenet.patcher.model.check_embedding(point_encoder.output_dim, f"encoder '{point_encoder.name}'")
+        # A colour encoder given an xyz-only cloud gets ULIP's own grey, as ULIP does for ModelNet40.
+        points = point_cloud.to_tensor()
+        return io.NodeOutput(
+            translate_to_conditioning(encoder, gluenet, lambda: point_encoder.encode_points(points.unsqueeze(0)))
+        )
