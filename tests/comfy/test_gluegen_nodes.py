@@ -98,7 +98,9 @@ def test_translations_name_real_nodes_inputs_and_outputs(pack):
     locales = sorted((Path(__file__).resolve().parents[2] / "locales").glob("*/nodeDefs.json"))
     assert {p.parent.name for p in locales} >= {"fr", "es", "zh", "ja"}
     for path in locales:
-        for node_id, entry in json.loads(path.read_text(encoding="utf-8")).items():
+        translated = json.loads(path.read_text(encoding="utf-8"))
+        assert set(translated) == set(schemas), (path, set(schemas) ^ set(translated))
+        for node_id, entry in translated.items():
             schema = schemas[node_id]
             assert entry["display_name"] and entry["description"], (path, node_id)
             assert set(entry["inputs"]) <= {i.id for i in schema.inputs}, (path, node_id)
