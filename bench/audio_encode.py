@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from encoders.audioclip import AudioCLIPAudioEncoder, ESResNeXtFBSP  # noqa: E402
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
+from x2i.encoders.audioclip import AudioCLIPAudioEncoder, ESResNeXtFBSP  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLIP_SAMPLES = 176400

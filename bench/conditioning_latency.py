@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-
-from encoders.text import HFTextEncoder  # noqa: E402
-from gluenet import GlueNet, GlueNetConfig  # noqa: E402
+import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
+from x2i.encoders.text import HFTextEncoder  # noqa: E402
+from x2i.gluenet import GlueNet, GlueNetConfig  # noqa: E402
 
 PROMPT = "Peinture impressionniste d'un jardin d'après-midi, lumière douce, couleurs vives"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

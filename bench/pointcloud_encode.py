@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from encoders.pointbert import PointBERTConfig, PointBERTEncoder  # noqa: E402
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
+from x2i.encoders.pointbert import PointBERTConfig, PointBERTEncoder  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = {"ulip1": PointBERTConfig.ulip1, "ulip2_colored": PointBERTConfig.ulip2_colored, "ulip2_xyz": PointBERTConfig.ulip2_xyz}

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch, unwrap_state_dict
 from .audio_input import GLUEGEN_CLIP_SAMPLES, GLUEGEN_SAMPLE_RATE, to_gluegen_waveform
 
 logger = logging.getLogger(__name__)
@@ -429,29 +430,14 @@ class AudioCLIPAudioEncoder(nn.Module):
 # -- loading --------------------------------------------------------------------------------------
 
 
-def _describe_keys(state_dict: Mapping[str, object], limit: int = 5) -> str:
-    keys = list(state_dict)
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} entries ({shown}{', ...' if len(keys) > limit else ''})"
-
-
 def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise AudioCLIPFileError(
-            f"{path.name} could not be read as a safe PyTorch checkpoint ({type(exc).__name__}: {exc}). It may be "
-            "truncated (re-download AudioCLIP-Full-Training.pt) or hold pickled code, which is never loaded."
-        ) from exc
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+    fix = "Re-download AudioCLIP-Full-Training.pt from the AudioCLIP release."
+    obj = unwrap_state_dict(read_torch_checkpoint(path, AudioCLIPFileError, fix))
     if not isinstance(obj, Mapping):
         raise AudioCLIPFileError(
             f"{path.name} holds a {type(obj).__name__}, not a state_dict: pick AudioCLIP-Full-Training.pt or "
             "AudioCLIP-Partial-Training.pt from the AudioCLIP release"
         )
-    if obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):  # DDP-saved
-        obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
 
 
@@ -469,7 +455,7 @@ def audio_state_dict(state_dict: Mapping[str, object], source: str = "checkpoint
         elif any(isinstance(k, str) and k.startswith(("visual.", "transformer.")) for k in state_dict):
             hint = " It has CLIP image/text weights but no audio branch: use AudioCLIP-Full-Training.pt or AudioCLIP-Partial-Training.pt, not CLIP.pt."
         raise AudioCLIPFileError(
-            f"{source} is not an AudioCLIP checkpoint: found {_describe_keys(state_dict)}, expected the audio "
+            f"{source} is not an AudioCLIP checkpoint: found {describe_keys(state_dict)}, expected the audio "
             f"branch under 'audio.' (e.g. 'audio.fbsp.fc', 'audio.layer1.0.conv1.weight', 'audio.fc.weight'), as in "
             f"AudioCLIP-Full-Training.pt / AudioCLIP-Partial-Training.pt.{hint}"
         )
@@ -481,27 +467,13 @@ def audio_state_dict(state_dict: Mapping[str, object], source: str = "checkpoint
 
 def load_audio_branch(network: ESResNeXtFBSP, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Strictly load an audio-branch ``state_dict`` into ``network``, listing every mismatch."""
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}{', ...' if len(unexpected) > 8 else ''}")
-        if wrong:
-            parts.append(f"wrong shapes {len(wrong)}: {'; '.join(wrong[:4])}{'; ...' if len(wrong) > 4 else ''}")
+    details = state_dict_mismatch(network.state_dict(), state_dict, limit=8)
+    if details:
         hint = "Use the released AudioCLIP-Full-Training.pt or AudioCLIP-Partial-Training.pt."
         if "fc.weight" in state_dict and tuple(state_dict["fc.weight"].shape)[0] != network.config.embed_dim:
             hint = (f"Its fc has {tuple(state_dict['fc.weight'].shape)[0]} outputs: this is an ESResNeXt classifier "
                     "(e.g. the AudioSet-pretrained ESRNXFBSP.pt), not AudioCLIP's 1024-d audio embedding. " + hint)
-        raise AudioCLIPFileError(f"{source}: weights do not fit AudioCLIP's audio branch: {' | '.join(parts)}. {hint}")
+        raise AudioCLIPFileError(f"{source}: weights do not fit AudioCLIP's audio branch: {details}. {hint}")
     network.load_state_dict(state_dict, strict=True)
 
 

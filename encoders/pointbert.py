@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch
 from .pointcloud import MIN_POINTS, PointCloudError, normalize_to_unit_sphere
 
 logger = logging.getLogger(__name__)
@@ -467,11 +468,6 @@ class PointBERTEncoder(nn.Module):
 _BLOCK_KEY = re.compile(r"^blocks\.blocks\.(\d+)\.")
 
 
-def _describe_keys(keys: list[str], limit: int = 4) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} tensors ({shown}{', ...' if len(keys) > limit else ''})"
-
-
 def _read_checkpoint(path: Path) -> object:
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
@@ -482,23 +478,11 @@ def _read_checkpoint(path: Path) -> object:
             raise PointBERTCheckpointError(f"{path.name} is not a readable safetensors file ({exc})") from exc
     # ULIP's training script saves its argparse Namespace next to the weights ('args'); it is plain
     # data, so it is allowed through the weights-only unpickler.
-    allowed = getattr(torch.serialization, "safe_globals", None)
-    errors = []
-    for mmap in (True, False):
-        try:
-            if allowed is not None:
-                with allowed([argparse.Namespace]):
-                    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as exc:  # UnpicklingError, RuntimeError (legacy format with mmap), EOFError, ...
-            errors.append(exc)
-    exc = errors[-1]
-    raise PointBERTCheckpointError(
-        f"{path.name} could not be read as a safe PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
-        "It may be truncated (re-download it) or hold pickled Python objects besides the weights; if you "
-        "trust the file, re-save only its weights: python -c \"import torch; c = torch.load('IN', "
+    fix = (
+        "If you trust the file, re-save only its weights: python -c \"import torch; c = torch.load('IN', "
         "weights_only=False); torch.save({'state_dict': c['state_dict']}, 'OUT')\""
-    ) from exc
+    )
+    return read_torch_checkpoint(path, PointBERTCheckpointError, fix, allowed_globals=[argparse.Namespace])
 
 
 def _wrong_file_hint(keys: list[str]) -> str:
@@ -547,11 +531,11 @@ def extract_point_encoder_state(obj: object, source: str = "checkpoint") -> dict
     if "encoder.first_conv.0.weight" not in state:
         if any(k.startswith("point_encoder.") for k in stripped):
             raise PointBERTCheckpointError(
-                f"{source} is a ULIP checkpoint with another 3D backbone (found {_describe_keys(sorted(state))}); "
+                f"{source} is a ULIP checkpoint with another 3D backbone (found {describe_keys(sorted(state), limit=4)}); "
                 "only PointBERT is supported: download the PointBERT checkpoint"
             )
         raise PointBERTCheckpointError(
-            f"{source} is not a ULIP PointBERT checkpoint: found {_describe_keys(keys)}, expected "
+            f"{source} is not a ULIP PointBERT checkpoint: found {describe_keys(keys, limit=4)}, expected "
             "'module.point_encoder.encoder.first_conv.0.weight' ... and 'module.pc_projection'. "
             + _wrong_file_hint(keys)
         )
@@ -600,23 +584,8 @@ def build_pointbert(config: PointBERTConfig, state: Mapping[str, torch.Tensor], 
     """Construct the encoder and load ``state`` strictly, with a readable error on mismatch."""
     encoder = PointBERTEncoder(config, name=name)
     expected = encoder.model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            part
-            for part in (
-                f"missing {len(missing)} (e.g. {', '.join(missing[:3])})" if missing else "",
-                f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
-                f"wrong shapes {len(wrong)} (e.g. {'; '.join(wrong[:2])})" if wrong else "",
-            )
-            if part
-        )
+    details = state_dict_mismatch(expected, state)
+    if details:
         raise PointBERTCheckpointError(f"{name}: weights do not fit a {config.variant} PointBERT: {details}")
     encoder.model.load_state_dict(
         {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True

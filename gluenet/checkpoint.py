@@ -13,14 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..weights import (
+    describe_keys,
+    read_torch_checkpoint,
+    save_safetensors_atomic,
+    state_dict_mismatch,
+    unwrap_state_dict,
+)
 from .config import GlueNetConfig, GlueNetConfigError
 from .modules import GlueNet
 
@@ -45,13 +50,6 @@ class GlueNetFileError(ValueError):
     """A file that cannot be used as a GlueNet; the message names the problem and the fix."""
 
 
-def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # DDP-trained official scripts save "module."-prefixed keys.
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
-
-
 def _count(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     indices = {int(m.group(1)) for k in state_dict if (m := pattern.match(k))}
@@ -60,12 +58,6 @@ def _count(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     return tuple(state_dict[key].shape)
-
-
-def _describe_keys(state_dict: Mapping[str, torch.Tensor], limit: int = 5) -> str:
-    keys = list(state_dict)
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} tensors ({shown}{', ...' if len(keys) > limit else ''})"
 
 
 def detect_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> GlueNetConfig:
@@ -95,7 +87,7 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "c
         elif "tail.net_sen.4.weight" in sd:
             out_key, architecture = "tail.net_sen.4.weight", "translator_noln"
         else:
-            raise GlueNetFileError(f"{source}: GlueNet tail layout not recognised: {_describe_keys(sd)}")
+            raise GlueNetFileError(f"{source}: GlueNet tail layout not recognised: {describe_keys(sd)}")
         heads, dim_head = 8, 64
         if any(k.startswith("attn.") for k in sd):
             if architecture != "translator":
@@ -117,7 +109,7 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "c
             output_scaling="none",
         )
     raise GlueNetFileError(
-        f"{source} is not a GlueNet checkpoint: found {_describe_keys(sd)}, expected GlueGen translator keys "
+        f"{source} is not a GlueNet checkpoint: found {describe_keys(sd)}, expected GlueGen translator keys "
         "such as 'blocks.0.net_sen.0.weight' and 'tail.net_sen.0.weight' (multilingual) or "
         "'in_blocks.0...' and 'trans...' (sound). Pick a gluenet_*.ckpt or a GlueNet .safetensors file."
     )
@@ -156,47 +148,23 @@ def official_config(network: GlueNetConfig, filename: str = "") -> GlueNetConfig
 def build_gluenet(config: GlueNetConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> GlueNet:
     """Construct the network and load ``state_dict`` strictly, with a readable error on mismatch."""
     model = GlueNet(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            part
-            for part in (
-                f"missing {len(missing)} (e.g. {', '.join(missing[:3])})" if missing else "",
-                f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
-                f"wrong shapes {len(wrong)} (e.g. {'; '.join(wrong[:2])})" if wrong else "",
-            )
-            if part
-        )
+    details = state_dict_mismatch(model.state_dict(), state_dict)
+    if details:
         raise GlueNetFileError(f"{source}: weights do not fit a {config.architecture} GlueNet: {details}")
     model.load_state_dict(state_dict, strict=True)
     return model.eval().requires_grad_(False)
 
 
 def _load_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise GlueNetFileError(
-            f"{path.name} could not be read as a safe PyTorch checkpoint ({type(exc).__name__}: {exc}). "
-            "It may be truncated or hold pickled code; re-download it, or convert a trusted file to "
-            "safetensors with `python -m gluenet.convert`."
-        ) from exc
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
+    fix = "Re-download it, or convert a trusted file to safetensors (see the README)."
+    obj = unwrap_state_dict(read_torch_checkpoint(path, GlueNetFileError, fix))
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         kind = type(obj).__name__
         raise GlueNetFileError(
             f"{path.name} holds a {kind}, not a GlueNet state_dict"
             + (" (LaVi-Bridge lora_*.pt files are lists; load them with the LaVi-Bridge nodes)" if kind == "list" else "")
         )
-    return _strip_prefixes(obj)
+    return dict(obj)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -247,19 +215,9 @@ def load_gluenet(path: str | os.PathLike[str]) -> GlueNet:
 
 def save_gluenet(model: GlueNet, path: str | os.PathLike[str], extra_metadata: Mapping[str, str] | None = None) -> None:
     """Write ``model`` in this pack's format, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
     metadata.update(extra_metadata or {})
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic(model.state_dict(), path, metadata)
 
 
 def probe_gluenet_file(path: str | os.PathLike[str]) -> GlueNetConfig:

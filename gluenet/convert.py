@@ -1,6 +1,6 @@
 """Convert a released GlueGen ``.ckpt`` into this pack's safetensors format.
 
-    python -m gluenet.convert gluenet_French_clip_overnorm_over3_noln.ckpt gluenet_fr.safetensors
+    python path/to/ComfyUI-X2I convert-gluenet gluenet_French_clip_overnorm_over3_noln.ckpt gluenet_fr.safetensors
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def convert(source: Path, destination: Path, language: str | None = None, encode
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gluenet.convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python path/to/ComfyUI-X2I convert-gluenet", description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="released gluenet_*.ckpt (or any GlueNet file)")
     parser.add_argument("destination", type=Path, help="output .safetensors path")
     parser.add_argument("--language", help="ISO 639-1 code to record (default: read from the file name)")
@@ -37,7 +37,3 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     convert(args.source, args.destination, args.language, args.encoder_hint)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

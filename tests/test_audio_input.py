@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.audio_input import (
+from x2i.encoders.audio_input import (
     GLUEGEN_CLIP_SAMPLES,
     KAISER_BEST,
     SILENT_VALUE,
@@ -212,7 +212,7 @@ def test_audio_input_error_is_a_value_error():
 
 
 def test_the_encoder_refuses_bad_audio_before_running_the_network():
-    from encoders.audioclip import AudioCLIPAudioEncoder, ESResNeXtFBSP
+    from x2i.encoders.audioclip import AudioCLIPAudioEncoder, ESResNeXtFBSP
 
     with torch.device("meta"):
         network = ESResNeXtFBSP()

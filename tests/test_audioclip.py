@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from encoders.audioclip import (
+from x2i.encoders.audioclip import (
     AudioCLIPAudioConfig,
     AudioCLIPAudioEncoder,
     AudioCLIPFileError,
@@ -233,7 +233,7 @@ def test_encode_audio_applies_gluegen_input_and_matches_the_official_output(netw
 
 
 def test_digital_silence_gives_a_finite_embedding(network):
-    from encoders.audio_input import SILENT_VALUE
+    from x2i.encoders.audio_input import SILENT_VALUE
 
     silence = torch.full((1, 2, 4000), SILENT_VALUE)  # what the input convention makes of a silent clip
     with torch.no_grad():
@@ -370,8 +370,8 @@ def test_mismatched_audio_weights_are_listed(tmp_path, weights):
     with pytest.raises(AudioCLIPFileError) as info:
         load_audioclip_audio(path)
     message = str(info.value)
-    assert "missing 1: att5.bn.running_var" in message
-    assert "unexpected 1: extra.weight" in message
+    assert "missing 1 (e.g. att5.bn.running_var)" in message
+    assert "unexpected 1 (e.g. extra.weight)" in message
     assert "fc.weight: file (527, 2048) vs model (1024, 2048)" in message
     assert "not AudioCLIP's 1024-d audio embedding" in message
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import torchaudio.functional
 from transformers import ClapFeatureExtractor, ClapModel
 
-from encoders.audio_input import AudioInputError
-from encoders.clap import load_clap_audio
-from encoders.text import TextEncoderFolderError
+from x2i.encoders.audio_input import AudioInputError
+from x2i.encoders.clap import load_clap_audio
+from x2i.encoders.text import TextEncoderFolderError
 
 
 def _reference(folder, mono_48k: list[np.ndarray]) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gluenet.fusion import top_k_fusion
+from x2i.gluenet.fusion import top_k_fusion
 
 
 def _reference(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:

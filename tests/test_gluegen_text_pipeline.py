@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from encoders import load_text_encoder
-from gluenet import GlueNetConfig, load_gluenet, save_gluenet
-from gluenet.modules import GlueNet
+from x2i.encoders import load_text_encoder
+from x2i.gluenet import GlueNetConfig, load_gluenet, save_gluenet
+from x2i.gluenet.modules import GlueNet
 from x2i_testing import reference_gluegen_text
 
 PROMPTS = ["Peinture impressionniste d'un jardin d'après-midi", "un chat assis sur un tapis rouge", ""]

@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gluenet import GlueNetFileError, load_gluenet, probe_gluenet_file, save_gluenet
-from gluenet.checkpoint import language_from_filename
-from gluenet.convert import main as convert_main
+from x2i.gluenet import GlueNetFileError, load_gluenet, probe_gluenet_file, save_gluenet
+from x2i.gluenet.checkpoint import language_from_filename
+from x2i.gluenet.convert import main as convert_main
 from x2i_testing import official_layout, random_state_dict, reference_tensor_norm_half, reference_translator_noln
 
 
@@ -154,3 +154,20 @@ def test_unsupported_suffix_and_missing_file(tmp_path):
     odd.write_bytes(b"\0")
     with pytest.raises(GlueNetFileError, match="unsupported GlueNet file type"):
         load_gluenet(odd)
+
+
+def test_the_pack_command_line_converts_without_comfyui(small_text_gluenet_ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    from x2i_testing import REPO_ROOT
+
+    out = tmp_path / "cli.safetensors"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT), "convert-gluenet", str(small_text_gluenet_ckpt), str(out)],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert load_gluenet(out).config.language == "fr"
+    unknown = subprocess.run([sys.executable, str(REPO_ROOT), "train-everything"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "commands: convert-gluenet" in unknown.stderr

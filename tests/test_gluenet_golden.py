@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gluenet import GlueNet, GlueNetConfig
-from gluenet.checkpoint import build_gluenet, detect_architecture
+from x2i.gluenet import GlueNet, GlueNetConfig
+from x2i.gluenet.checkpoint import build_gluenet, detect_architecture
 from x2i_testing import DATA_DIR, RELEASED_SOUND_ARGS, RELEASED_TEXT_ARGS, official_layout
 
 GOLDEN = DATA_DIR / "gluenet_golden.safetensors"

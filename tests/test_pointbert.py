@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from encoders.pointbert import (
+from x2i.encoders.pointbert import (
     CUDA_FPS_MIN_NORM_SQ,
     ULIP_DEFAULT_RGB,
     PointBERT,
@@ -29,7 +29,7 @@ from encoders.pointbert import (
     knn,
     load_ulip_pointbert,
 )
-from encoders.pointcloud import PointCloudError
+from x2i.encoders.pointcloud import PointCloudError
 from x2i_testing import DATA_DIR, fake_ulip_checkpoint, official_pointbert_layout, stripped_pointbert_layout
 
 GOLDEN = DATA_DIR / "pointbert_golden.safetensors"

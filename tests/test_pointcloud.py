@@ -10,7 +10,7 @@ import pytest
 import torch
 import trimesh
 
-from encoders.pointcloud import (
+from x2i.encoders.pointcloud import (
     MIN_POINTS,
     PointCloud,
     PointCloudError,

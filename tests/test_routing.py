@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gluenet import GlueNetRouter, LanguageRoutingError
+from x2i.gluenet import GlueNetRouter, LanguageRoutingError
 
 OFFICIAL_DEMO_PROMPTS = {
     "zh": "下午的花园的印象派绘画",

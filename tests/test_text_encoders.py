@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from encoders import TextEncoderFolderError, list_encoder_folders, load_text_encoder
+from x2i.encoders import TextEncoderFolderError, list_encoder_folders, load_text_encoder
 
 
 def test_xlm_roberta_features_match_the_official_call(tiny_xlmr):

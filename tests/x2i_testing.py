@@ -7,9 +7,11 @@ folders are written with ``save_pretrained``, checkpoints with the official key 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import sentencepiece as spm
@@ -17,6 +19,26 @@ import torch
 import torch.nn.functional as F
 
 DATA_DIR = Path(__file__).parent / "data"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "x2i"
+
+
+def import_pack(name: str = PACK_NAME):
+    """This repository as the package ``x2i``, the way ComfyUI imports a custom-node folder.
+
+    The pack's modules import each other relatively (``from ..weights import ...``), so they are only
+    importable through the package; this is how tests and benchmarks reach them without ComfyUI.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+import_pack()
 
 CORPUS = [
     "a painting of a garden in the afternoon, impressionism",

@@ -14,9 +14,6 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PACK_MODULE = "comfyui_x2i_under_test"
-
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("COMFYUI_PATH"):
@@ -48,20 +45,9 @@ def comfy(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pack(comfy):
-    """This repository imported as a ComfyUI custom-node package (as ComfyUI's loader does)."""
-    spec = importlib.util.spec_from_file_location(
-        PACK_MODULE, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK_MODULE}.nodes")
-
-
-@pytest.fixture(scope="session")
-def x2i(pack):
-    """``x2i("gluenet.modules")``: a submodule of the pack as ComfyUI imported it (not the top-level copy)."""
-    return lambda name: importlib.import_module(f"{PACK_MODULE}.{name}")
+    """The pack's ``nodes`` package, imported after ComfyUI (the rest of the pack is ``x2i``, imported by
+    the test suite the way ComfyUI's loader imports a custom-node folder)."""
+    return importlib.import_module("x2i.nodes")
 
 
 @pytest.fixture(scope="session")

@@ -47,9 +47,7 @@ def test_text_encode_node_equals_the_official_math(pack, installed, small_text_g
 
 
 def test_cpu_never_runs_the_encoder_in_fp16(pack, comfy):
-    from importlib import import_module
-
-    common = import_module(pack.__name__ + ".common")
+    from x2i.nodes import common
     cpu = torch.device("cpu")
     assert common.encoder_dtype("auto", cpu) == torch.float32
     assert common.encoder_dtype("fp16", cpu) == torch.float32

@@ -6,7 +6,8 @@ import pytest
 import torch
 import trimesh
 
-from encoders.audio_input import to_gluegen_waveform
+from x2i.encoders.audio_input import to_gluegen_waveform
+from x2i.gluenet import GlueNet, GlueNetConfig, save_gluenet
 from x2i_testing import (
     audioclip_full_checkpoint,
     fake_ulip_checkpoint,
@@ -28,8 +29,7 @@ def sound_files(comfy):
     return sound_state
 
 
-def test_audio_batch_gives_one_conditioning_per_clip_with_the_official_math(pack, x2i, sound_files):
-    gluenet_modules = x2i("gluenet.modules")
+def test_audio_batch_gives_one_conditioning_per_clip_with_the_official_math(pack, sound_files):
     encoder = pack.X2IAudioEncoderLoader.execute("AudioCLIP-Full-Training.pt", "fp32").result[0]
     gluenet = pack.X2IGlueNetLoader.execute("gluenet_sound2img_audioclip_us8k.ckpt", "from file").result[0]
     g = torch.Generator().manual_seed(0)
@@ -42,7 +42,7 @@ def test_audio_batch_gives_one_conditioning_per_clip_with_the_official_math(pack
         clips = to_gluegen_waveform(waveform, 48000)
         z = encoder.model.network(clips)
         z = z / z.norm(dim=-1, keepdim=True)
-        net = gluenet_modules.GlueNet(gluenet.patcher.model.config)
+        net = GlueNet(gluenet.patcher.model.config)
         net.load_state_dict(sound_files)
         expected = net(z.reshape(2, 16, 64)) * reference_tensor_norm_half()
     torch.testing.assert_close(tokens, expected, atol=2e-4, rtol=1e-4)
@@ -56,7 +56,7 @@ def test_a_text_encoder_on_the_audio_node_is_refused(pack, sound_files, installe
         pack.X2IGlueGenAudioEncode.execute(text_encoder, gluenet, {"waveform": torch.zeros(1, 1, 100), "sample_rate": 44100})
 
 
-def test_point_cloud_loader_and_encoder(pack, x2i, comfy, sound_files, tmp_path):
+def test_point_cloud_loader_and_encoder(pack, comfy, sound_files, tmp_path):
     import folder_paths
 
     checkpoint, _ = fake_ulip_checkpoint("ulip2_colored", seed=3)
@@ -71,8 +71,7 @@ def test_point_cloud_loader_and_encoder(pack, x2i, comfy, sound_files, tmp_path)
     assert output.ui is not None
     encoder = pack.X2IPointCloudEncoderLoader.execute("ulip2.pt", "fp32").result[0]
     assert encoder.model.in_channels == 6  # colour model: the xyz-only ball gets ULIP's grey
-    config_cls, save, net_cls = x2i("gluenet").GlueNetConfig, x2i("gluenet").save_gluenet, x2i("gluenet").GlueNet
-    save(net_cls(config_cls("translator_w_head", num_tokens=20, num_tokens_out=77, in_dim=64, out_dim=768, depth=3)),
+    save_gluenet(GlueNet(GlueNetConfig("translator_w_head", num_tokens=20, num_tokens_out=77, in_dim=64, out_dim=768, depth=3)),
          comfy["models"] / "gluenet" / "gluenet_ulip2.safetensors")
     gluenet = pack.X2IGlueNetLoader.execute("gluenet_ulip2.safetensors", "from file").result[0]
     (conditioning,) = pack.X2IGlueGenPointCloudEncode.execute(encoder, gluenet, cloud).result

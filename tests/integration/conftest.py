@@ -37,8 +37,8 @@ if str(HERE) not in sys.path:
 from _sd15_checkpoint import RECIPE_METADATA_KEY, RECIPE_VERSION  # noqa: E402
 from comfy_harness import MODEL_FOLDERS, ComfyServer, ServerLayout, start_server  # noqa: E402
 
-from gluenet import GlueNetConfig, save_gluenet  # noqa: E402
-from gluenet.modules import GlueNet  # noqa: E402
+from x2i.gluenet import GlueNetConfig, save_gluenet  # noqa: E402
+from x2i.gluenet.modules import GlueNet  # noqa: E402
 from x2i_testing import make_t5_encoder_folder, make_xlm_roberta_folder, official_layout, random_state_dict  # noqa: E402
 
 log = logging.getLogger("x2i.tests.conftest")

@@ -13,8 +13,8 @@ import torch
 import trimesh
 from comfy_harness import ComfyServer, shipped_workflow_prompt
 
-from gluenet import GlueNetConfig, save_gluenet
-from gluenet.modules import GlueNet
+from x2i.gluenet import GlueNetConfig, save_gluenet
+from x2i.gluenet.modules import GlueNet
 from x2i_testing import audioclip_full_checkpoint, fake_ulip_checkpoint, official_layout, random_state_dict
 
 

@@ -1,0 +1,88 @@
+"""Reading and writing weight files safely, one way for every model of the pack.
+
+Pickled checkpoints are read with ``torch.load(weights_only=True)`` only; strict loads report every
+missing, unexpected or wrongly shaped tensor; this pack's own files are written as safetensors,
+atomically (a temp file in the same folder, then a rename), so an interrupted save never leaves a
+corrupt file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def describe_keys(keys: Iterable[str], limit: int = 5) -> str:
+    """``"N tensors (a, b, c, ...)"``: enough of a file's keys to recognise what it is."""
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} tensors ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def read_torch_checkpoint(
+    path: Path, error: type[Exception], fix: str, allowed_globals: Iterable[type] = ()
+) -> object:
+    """``torch.load(weights_only=True)`` on the CPU (memory-mapped when the format allows), or
+    ``error`` naming the file, the cause and ``fix``. ``allowed_globals`` are plain-data classes some
+    releases pickle beside their weights (ULIP saves its argparse ``Namespace``)."""
+    allowed = list(allowed_globals)
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    errors: list[Exception] = []
+    for mmap in (True, False):  # mmap needs the zip format; legacy files take the second try
+        try:
+            with safe_globals(allowed) if safe_globals and allowed else contextlib.nullcontext():
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ...
+            errors.append(exc)
+    exc = errors[-1]
+    raise error(
+        f"{path.name} could not be read as a safe PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:300]}). "
+        f"It may be truncated or hold pickled code, which is never loaded. {fix}"
+    ) from exc
+
+
+def unwrap_state_dict(obj: object) -> object:
+    """The tensors of a checkpoint: ``{"state_dict": ...}`` unwrapped, DDP's ``module.`` prefix removed."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], limit: int = 3) -> str | None:
+    """``None`` when ``found`` has exactly the keys and shapes of ``expected``; else what differs."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"missing {len(missing)} (e.g. {', '.join(missing[:limit])})" if missing else "",
+        f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:limit])})" if unexpected else "",
+        f"wrong shapes {len(wrong)} (e.g. {'; '.join(wrong[:limit])})" if wrong else "",
+    ]
+    details = "; ".join(part for part in parts if part)
+    return details or None
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` to ``path`` as safetensors with ``metadata``: temp file, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
