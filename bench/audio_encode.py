@@ -17,41 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
+from timing import DTYPES, device_label, median_ms  # noqa: E402
+
 import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.encoders.audioclip import AudioCLIPAudioEncoder, ESResNeXtFBSP  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLIP_SAMPLES = 176400
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def build_encoder(device: torch.device, dtype: torch.dtype, channels_last: bool, compile_: bool) -> AudioCLIPAudioEncoder:
@@ -108,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     encode = median_ms(lambda: encoder.encode_audio(raw_48k, 48000), device, warmup, repeats)
     result = {
         "bench": "audioclip_audio_encode",
-        "device": torch.cuda.get_device_name(device) if cuda
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_label(device),
         "dtype": str(dtype).removeprefix("torch."),
         "channels_last": channels_last,
         "compile": args.compile,

@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,31 +25,13 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
+from timing import DTYPES, device_label, median_ms  # noqa: E402
+
 import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.encoders.text import HFTextEncoder  # noqa: E402
 from x2i.gluenet import GlueNet, GlueNetConfig  # noqa: E402
 
 PROMPT = "Peinture impressionniste d'un jardin d'après-midi, lumière douce, couleurs vives"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def build_gluegen(device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -127,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     result: dict[str, object] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_label(device),
         "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "repeats": args.repeats,
     }
     timings = {"gluegen_xlmr_large_gluenet_ms": build_gluegen}

@@ -16,41 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
+from timing import DTYPES, device_label, median_ms  # noqa: E402
+
 import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.encoders.pointbert import PointBERTConfig, PointBERTEncoder  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = {"ulip1": PointBERTConfig.ulip1, "ulip2_colored": PointBERTConfig.ulip2_colored, "ulip2_xyz": PointBERTConfig.ulip2_xyz}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def random_encoder(config: PointBERTConfig, device: torch.device, dtype: torch.dtype) -> PointBERTEncoder:
@@ -108,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, object] = {
         "bench": "pointcloud_encode",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_label(device),
         "torch": torch.__version__, "variant": args.variant, "input_points": args.points, "repeats": args.repeats,
     }
     for name in args.dtypes.split(","):

@@ -19,6 +19,8 @@ from .common import (
     LoadedGlueNet,
     X2IEncoder,
     encoder_dtype,
+    encoder_with,
+    single_gluenet,
     text_encoder_patcher,
     translate_to_conditioning,
 )
@@ -81,13 +83,8 @@ class X2IGlueGenAudioEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder, gluenet: LoadedGlueNet, audio: dict) -> io.NodeOutput:
-        audio_encoder = encoder.model
-        if not hasattr(audio_encoder, "encode_audio"):
-            raise ValueError(
-                f"'{getattr(audio_encoder, 'name', 'this encoder')}' is not a sound encoder: load one with X2I Audio Encoder Loader"
-            )
-        if not hasattr(gluenet, "patcher"):
-            raise ValueError("the GlueNet Router chooses by language and is for text: connect an X2I GlueNet Loader")
+        audio_encoder = encoder_with(encoder, "encode_audio", "X2I Audio Encoder Loader")
+        gluenet = single_gluenet(gluenet)
         gluenet.patcher.model.check_embedding(audio_encoder.output_dim, f"encoder '{audio_encoder.name}'")
         waveform, sample_rate = audio["waveform"], int(audio["sample_rate"])
         return io.NodeOutput(

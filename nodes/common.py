@@ -103,3 +103,18 @@ def translate_to_conditioning(encoder, gluenet: LoadedGlueNet, encode: Callable[
     mm.load_models_gpu([encoder, gluenet.patcher])
     features = encode()
     return to_conditioning(gluenet.patcher.model.translate(features, f"encoder '{encoder.model.name}'"))
+
+
+def encoder_with(encoder, method: str, loader: str) -> nn.Module:
+    """The encoder module behind an ``X2I_ENCODER`` if it has ``method``, else a message naming the loader."""
+    module = encoder.model
+    if not hasattr(module, method):
+        raise ValueError(f"'{getattr(module, 'name', 'this encoder')}' cannot {method.replace('_', ' ')}: load one with {loader}")
+    return module
+
+
+def single_gluenet(gluenet) -> LoadedGlueNet:
+    """Sound and point clouds have no language: a router there is a wiring mistake worth naming."""
+    if not isinstance(gluenet, LoadedGlueNet):
+        raise ValueError("the GlueNet Router chooses by language and is for text: connect an X2I GlueNet Loader here")
+    return gluenet

@@ -17,6 +17,7 @@ from .common import (
     GlueNetType,
     LoadedGlueNet,
     X2IEncoder,
+    encoder_with,
     text_encoder_patcher,
     translate_to_conditioning,
 )
@@ -131,13 +132,11 @@ class X2IGlueGenTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder, gluenet: LoadedGlueNet | GlueNetRouter, text: str) -> io.NodeOutput:
-        if not isinstance(encoder.model, HFTextEncoder):
-            raise ValueError("X2I GlueGen Text Encode needs a text encoder from X2I Text Encoder Loader")
+        text_encoder: HFTextEncoder = encoder_with(encoder, "encode", "X2I Text Encoder Loader")
         if isinstance(gluenet, GlueNetRouter):
             route = gluenet.route(text)
             logger.info("GlueNet router: '%s' via %s for %.40r", route.language, route.reason, text)
             gluenet = route.target
-        text_encoder: HFTextEncoder = encoder.model
         translator = gluenet.patcher.model
         translator.check_source(
             text_encoder.max_length, text_encoder.hidden_size, f"text encoder '{text_encoder.name}'"

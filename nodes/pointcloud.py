@@ -18,6 +18,8 @@ from .common import (
     PointCloudType,
     X2IEncoder,
     encoder_dtype,
+    encoder_with,
+    single_gluenet,
     text_encoder_patcher,
     translate_to_conditioning,
 )
@@ -114,14 +116,8 @@ class X2IGlueGenPointCloudEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder, gluenet: LoadedGlueNet, point_cloud: PointCloud) -> io.NodeOutput:
-        point_encoder = encoder.model
-        if not hasattr(point_encoder, "encode_points"):
-            raise ValueError(
-                f"'{getattr(point_encoder, 'name', 'this encoder')}' is not a point-cloud encoder: load one with "
-                "X2I Point Cloud Encoder Loader"
-            )
-        if not hasattr(gluenet, "patcher"):
-            raise ValueError("the GlueNet Router chooses by language and is for text: connect an X2I GlueNet Loader")
+        point_encoder = encoder_with(encoder, "encode_points", "X2I Point Cloud Encoder Loader")
+        gluenet = single_gluenet(gluenet)
         gluenet.patcher.model.check_embedding(point_encoder.output_dim, f"encoder '{point_encoder.name}'")
         # A colour encoder given an xyz-only cloud gets ULIP's own grey, as ULIP does for ModelNet40.
         points = point_cloud.to_tensor()

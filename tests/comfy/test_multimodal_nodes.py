@@ -52,7 +52,7 @@ def test_audio_batch_gives_one_conditioning_per_clip_with_the_official_math(pack
 def test_a_text_encoder_on_the_audio_node_is_refused(pack, sound_files, installed):
     text_encoder = pack.X2ITextEncoderLoader.execute("xlm-roberta-tiny", "auto").result[0]
     gluenet = pack.X2IGlueNetLoader.execute("gluenet_sound2img_audioclip_us8k.ckpt", "from file").result[0]
-    with pytest.raises(ValueError, match="is not a sound encoder: load one with X2I Audio Encoder Loader"):
+    with pytest.raises(ValueError, match="cannot encode audio: load one with X2I Audio Encoder Loader"):
         pack.X2IGlueGenAudioEncode.execute(text_encoder, gluenet, {"waveform": torch.zeros(1, 1, 100), "sample_rate": 44100})
 
 
