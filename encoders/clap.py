@@ -7,6 +7,7 @@ embedding is L2-normalised like CLAP's contrastive space (and like AudioCLIP's, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -58,9 +59,16 @@ class ClapAudioEncoder(nn.Module):
         return F.normalize(embeds.float(), dim=-1)
 
 
+CLAP_MODEL_TYPES = ("clap", "clap_audio_model")
+
+
 def is_clap_folder(folder: Path) -> bool:
-    config = folder / "config.json"
-    return config.is_file() and '"clap' in config.read_text(encoding="utf-8", errors="replace")
+    """A Hugging Face folder whose config names a CLAP model (read as JSON; no model is loaded)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") in CLAP_MODEL_TYPES
 
 
 def load_clap_audio(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> ClapAudioEncoder:
@@ -74,7 +82,7 @@ def load_clap_audio(folder: str | os.PathLike[str], dtype: torch.dtype = torch.f
             "model's Hugging Face repository into this folder"
         )
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in ("clap", "clap_audio_model"):
+    if config.model_type not in CLAP_MODEL_TYPES:
         raise TextEncoderFolderError(f"{folder.name} is a '{config.model_type}' model, not CLAP")
     dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model = transformers.ClapAudioModelWithProjection.from_pretrained(folder, local_files_only=True, **{dtype_kwarg: dtype})

@@ -65,3 +65,11 @@ def test_a_text_model_folder_is_not_taken_for_clap(tiny_xlmr, tmp_path):
     (folder / "preprocessor_config.json").write_text("{}")
     with pytest.raises(TextEncoderFolderError, match="is a 'xlm-roberta' model, not CLAP"):
         load_clap_audio(folder)
+
+
+def test_clap_folders_are_told_apart_from_other_model_folders(tiny_clap, tiny_xlmr, tmp_path):
+    from x2i.encoders.clap import is_clap_folder
+
+    assert is_clap_folder(tiny_clap)
+    assert not is_clap_folder(tiny_xlmr)
+    assert not is_clap_folder(tmp_path)

@@ -115,6 +115,7 @@ def test_a_lavibridge_lora_list_is_refused_and_named(tmp_path):
         load_gluenet(path)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_pickle_with_code_is_not_executed(tmp_path):
     path = tmp_path / "evil.ckpt"
     with open(path, "wb") as f:
