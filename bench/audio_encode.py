@@ -16,7 +16,6 @@ stdout and, with ``--out``, appends it to a file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from timing import DTYPES, device_label, median_ms  # noqa: E402
+from timing import DTYPES, device_label, emit, median_ms  # noqa: E402
 
 import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.encoders.audioclip import AudioCLIPAudioEncoder, ESResNeXtFBSP  # noqa: E402
@@ -99,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if cuda:
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    line = json.dumps(result)
-    sys.stdout.write(line + "\n")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+    emit(result, args.out)
     return 0
 
 

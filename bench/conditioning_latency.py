@@ -14,7 +14,6 @@ with ``--out``, to a file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from timing import DTYPES, device_label, median_ms  # noqa: E402
+from timing import DTYPES, device_label, emit, median_ms  # noqa: E402
 
 import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.encoders.text import HFTextEncoder  # noqa: E402
@@ -119,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         del fn
     if "clip_l_comfyui_ms" in result:
         result["ratio_gluegen_over_clip"] = round(result["gluegen_xlmr_large_gluenet_ms"] / result["clip_l_comfyui_ms"], 2)
-    line = json.dumps(result)
-    sys.stdout.write(line + "\n")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+    emit(result, args.out)
     return 0
 
 

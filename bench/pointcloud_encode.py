@@ -15,7 +15,6 @@ convention (FPS down to the model's point count when larger, normalisation) and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from timing import DTYPES, device_label, median_ms  # noqa: E402
+from timing import DTYPES, device_label, emit, median_ms  # noqa: E402
 
 import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.encoders.pointbert import PointBERTConfig, PointBERTEncoder  # noqa: E402
@@ -91,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in args.dtypes.split(","):
         result[name] = bench(args.variant, device, DTYPES[name.strip()], args.points, args.batch, args.warmup, args.repeats)
-    line = json.dumps(result)
-    sys.stdout.write(line + "\n")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -36,3 +39,13 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """One JSON line to stdout and, when ``out`` is given, appended to that file."""
+    line = json.dumps(result)
+    sys.stdout.write(line + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(line + "\n")

@@ -478,10 +478,7 @@ def _read_checkpoint(path: Path) -> object:
             raise PointBERTCheckpointError(f"{path.name} is not a readable safetensors file ({exc})") from exc
     # ULIP's training script saves its argparse Namespace next to the weights ('args'); it is plain
     # data, so it is allowed through the weights-only unpickler.
-    fix = (
-        "If you trust the file, re-save only its weights: python -c \"import torch; c = torch.load('IN', "
-        "weights_only=False); torch.save({'state_dict': c['state_dict']}, 'OUT')\""
-    )
+    fix = "Re-download it from the ULIP release, or load a safetensors copy of its state_dict."
     return read_torch_checkpoint(path, PointBERTCheckpointError, fix, allowed_globals=[argparse.Namespace])
 
 

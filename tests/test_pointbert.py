@@ -372,7 +372,7 @@ class _Custom:
 
 def test_unsafe_pickle_is_refused_with_the_fix(tmp_path):
     path = _save(tmp_path, "unsafe.pt", {"state_dict": {}, "extra": _Custom()})
-    with pytest.raises(PointBERTCheckpointError, match=r"re-save only its weights"):
+    with pytest.raises(PointBERTCheckpointError, match=r"never loaded.*safetensors copy of its state_dict"):
         load_ulip_pointbert(path)
 
 
