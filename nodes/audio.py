@@ -19,9 +19,9 @@ from .common import (
     LoadedGlueNet,
     X2IEncoder,
     encoder_dtype,
+    encoder_patcher,
     encoder_with,
     single_gluenet,
-    text_encoder_patcher,
     translate_to_conditioning,
 )
 
@@ -57,11 +57,11 @@ class X2IAudioEncoderLoader(io.ComfyNode):
         for root in folder_paths.get_folder_paths(AUDIO_ENCODER_FOLDER):
             folder = Path(root) / encoder_name
             if folder.is_dir():
-                return io.NodeOutput(text_encoder_patcher(load_clap_audio(folder, dtype=torch_dtype)))
+                return io.NodeOutput(encoder_patcher(load_clap_audio(folder, dtype=torch_dtype)))
         path = folder_paths.get_full_path_or_raise(AUDIO_ENCODER_FOLDER, encoder_name)
         module = load_audioclip_audio(path).to(torch_dtype)
         module.name = os.path.basename(path)
-        return io.NodeOutput(text_encoder_patcher(module))
+        return io.NodeOutput(encoder_patcher(module))
 
 
 class X2IGlueGenAudioEncode(io.ComfyNode):

@@ -73,8 +73,8 @@ def encoder_dtype(choice: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def text_encoder_patcher(module: nn.Module) -> comfy.model_patcher.ModelPatcher:
-    """Let ComfyUI's model management place ``module`` like its own text encoders."""
+def encoder_patcher(module: nn.Module) -> comfy.model_patcher.ModelPatcher:
+    """Let ComfyUI's model management place ``module`` (an encoder or a GlueNet) like its own text encoders."""
     return comfy.model_patcher.ModelPatcher(
         module, load_device=mm.text_encoder_device(), offload_device=mm.text_encoder_offload_device()
     )

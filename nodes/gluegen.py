@@ -17,8 +17,8 @@ from .common import (
     GlueNetType,
     LoadedGlueNet,
     X2IEncoder,
+    encoder_patcher,
     encoder_with,
-    text_encoder_patcher,
     translate_to_conditioning,
 )
 
@@ -68,7 +68,7 @@ class X2IGlueNetLoader(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise(GLUENET_FOLDER, gluenet_name)
         model = load_gluenet(path)
         tag = model.config.language if language == FROM_FILE else language
-        return io.NodeOutput(LoadedGlueNet(text_encoder_patcher(model), os.path.basename(path), tag))
+        return io.NodeOutput(LoadedGlueNet(encoder_patcher(model), os.path.basename(path), tag))
 
 
 class X2IGlueNetRouter(io.ComfyNode):

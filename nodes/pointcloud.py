@@ -18,9 +18,9 @@ from .common import (
     PointCloudType,
     X2IEncoder,
     encoder_dtype,
+    encoder_patcher,
     encoder_with,
     single_gluenet,
-    text_encoder_patcher,
     translate_to_conditioning,
 )
 
@@ -94,7 +94,7 @@ class X2IPointCloudEncoderLoader(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise(POINT_ENCODER_FOLDER, encoder_name)
         module = load_ulip_pointbert(path).to(encoder_dtype(dtype, mm.text_encoder_device()))
         module.name = os.path.basename(path)
-        return io.NodeOutput(text_encoder_patcher(module))
+        return io.NodeOutput(encoder_patcher(module))
 
 
 class X2IGlueGenPointCloudEncode(io.ComfyNode):

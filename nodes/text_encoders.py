@@ -12,9 +12,9 @@ from .common import (
     TEXT_ENCODER_FOLDERS,
     X2IEncoder,
     encoder_dtype,
+    encoder_patcher,
     model_folder_paths,
     resolve_encoder_folder,
-    text_encoder_patcher,
 )
 
 
@@ -47,4 +47,4 @@ class X2ITextEncoderLoader(io.ComfyNode):
     def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
         folder = resolve_encoder_folder(encoder_name)
         module = load_text_encoder(folder, dtype=encoder_dtype(dtype, mm.text_encoder_device()))
-        return io.NodeOutput(text_encoder_patcher(module))
+        return io.NodeOutput(encoder_patcher(module))
