@@ -1,0 +1,225 @@
+"""LaVi-Bridge's text adapter: the small network between a language model and a diffusion model.
+
+The official ``TextAdapter(in_dim, int_dim, out_dim)`` (``modules/adapters.py``) is a diffusers
+``ModelMixin`` computing ``ff2(norm2(ff1(norm1(x))))`` token by token. It is re-implemented here in
+plain PyTorch with the same parameter names, so the released ``adapter/`` folders (written by
+diffusers' ``save_pretrained``: ``config.json`` + ``diffusion_pytorch_model.bin`` or
+``.safetensors``) load strictly without diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch, unwrap_state_dict
+from .errors import LaViBridgeFileError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+# diffusers' save_pretrained names: safetensors since diffusers 0.22 (the PixArt release), .bin before.
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+CONFIG_FIELDS = ("in_dim", "int_dim", "out_dim")
+OFFICIAL_CLASS_NAME = "TextAdapter"
+# Dropout of the official FeedForward; inactive in eval(), kept so training behaves the same.
+FEED_FORWARD_DROPOUT = 0.1
+FEED_FORWARD_MULT = 4
+
+
+@dataclass(frozen=True)
+class TextAdapterConfig:
+    """Widths of a LaVi-Bridge adapter: language-model hidden size, intermediate, diffusion context."""
+
+    in_dim: int
+    int_dim: int
+    out_dim: int
+
+    def __post_init__(self) -> None:
+        for name in CONFIG_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise LaViBridgeFileError(f"adapter {name} must be a positive integer, got {value!r}")
+
+    @property
+    def name(self) -> str | None:
+        """The released pair this shape belongs to, if any."""
+        for name, config in RELEASED_ADAPTERS.items():
+            if config == self:
+                return name
+        return None
+
+
+# The three released adapters (HuggingFace shihaozhao/LaVi-Bridge), sizes checked against the
+# official class: T5-Large -> SD1.x 21,254,528 params; Llama-2-7B -> SD1.x 228,920,192;
+# T5-Large -> PixArt-XL-2 113,288,704 (its 4096 output is the T5-XXL width PixArt expects).
+RELEASED_ADAPTERS: dict[str, TextAdapterConfig] = {
+    "t5_unet": TextAdapterConfig(1024, 896, 768),
+    "llama2_unet": TextAdapterConfig(4096, 2432, 768),
+    "t5_transformer": TextAdapterConfig(1024, 2560, 4096),
+}
+
+
+class GEGLU(nn.Module):
+    """``a * gelu(g)`` with ``[a, g] = proj(x)`` split in halves (erf GELU, as the official)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """``net = [GEGLU(dim, 4·dim), Dropout, Linear(4·dim, dim_out)]``: keys ``net.0.proj.*``, ``net.2.*``."""
+
+    def __init__(self, dim: int, dim_out: int, mult: int = FEED_FORWARD_MULT, dropout: float = FEED_FORWARD_DROPOUT) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TextAdapter(nn.Module):
+    """``[B, T, in_dim] -> [B, T, out_dim]``: ``ff2(norm2(ff1(norm1(x))))``, every token on its own.
+
+    Returns the tensor itself (the official returns ``TextAdapterOutput(sample=...)``).
+    """
+
+    def __init__(self, config: TextAdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.ff1 = FeedForward(config.in_dim, config.int_dim)
+        self.ff2 = FeedForward(config.int_dim, config.out_dim)
+        self.norm1 = nn.LayerNorm(config.in_dim)
+        self.norm2 = nn.LayerNorm(config.int_dim)
+
+    @property
+    def in_dim(self) -> int:
+        return self.config.in_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.config.out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.config.in_dim:
+            raise ValueError(
+                f"LaVi-Bridge adapter expects language-model features of width {self.config.in_dim}, got "
+                f"{x.shape[-1]}: use the language model this adapter was trained with"
+            )
+        return self.ff2(self.norm2(self.ff1(self.norm1(x))))
+
+
+def check_widths(adapter: TextAdapter | TextAdapterConfig, lm_hidden: int, context_dim: int) -> None:
+    """Raise :class:`LaViBridgeFileError` unless the adapter bridges ``lm_hidden`` to ``context_dim``.
+
+    ``lm_hidden`` is the language model's hidden size, ``context_dim`` the cross-attention width of
+    the diffusion model (768 for SD1.x, 4096 for PixArt's caption projection).
+    """
+    config = adapter.config if isinstance(adapter, TextAdapter) else adapter
+    problems = []
+    if config.in_dim != lm_hidden:
+        problems.append(f"it takes {config.in_dim}-wide language-model features but the language model gives {lm_hidden}")
+    if config.out_dim != context_dim:
+        problems.append(f"it gives {config.out_dim}-wide context but the diffusion model expects {context_dim}")
+    if problems:
+        released = ", ".join(f"{n} ({c.in_dim}->{c.out_dim})" for n, c in RELEASED_ADAPTERS.items())
+        raise LaViBridgeFileError(
+            f"LaVi-Bridge adapter does not fit: {'; '.join(problems)}. Use the adapter released for this pair "
+            f"of models (released: {released})"
+        )
+
+
+def read_adapter_config(folder: Path) -> TextAdapterConfig:
+    """The widths from a diffusers ``config.json`` (``in_dim``, ``int_dim``, ``out_dim``)."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise LaViBridgeFileError(
+            f"{folder.name} has no config.json: pick the whole 'adapter' folder of a LaVi-Bridge release "
+            "(config.json plus diffusion_pytorch_model.bin or .safetensors)"
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LaViBridgeFileError(f"{folder.name}/config.json is not readable JSON ({exc}): re-download it") from exc
+    if not isinstance(raw, dict):
+        raise LaViBridgeFileError(f"{folder.name}/config.json holds a {type(raw).__name__}, not an object: re-download it")
+    class_name = raw.get("_class_name", OFFICIAL_CLASS_NAME)
+    if class_name != OFFICIAL_CLASS_NAME:
+        raise LaViBridgeFileError(
+            f"{folder.name}/config.json describes a {class_name}, not a LaVi-Bridge TextAdapter: "
+            "pick the 'adapter' subfolder of a LaVi-Bridge checkpoint"
+        )
+    missing = [name for name in CONFIG_FIELDS if name not in raw]
+    if missing:
+        raise LaViBridgeFileError(
+            f"{folder.name}/config.json lacks {', '.join(missing)}: a LaVi-Bridge adapter config names "
+            f"{', '.join(CONFIG_FIELDS)}; re-download it"
+        )
+    return TextAdapterConfig(**{name: raw[name] for name in CONFIG_FIELDS})
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    return {k: f.get_tensor(k) for k in f.keys()}, name
+            except Exception as exc:
+                raise LaViBridgeFileError(f"{folder.name}/{name} is not a readable safetensors file ({exc}): re-download it") from exc
+        obj = unwrap_state_dict(read_torch_checkpoint(path, LaViBridgeFileError, "Re-download the adapter folder."))
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise LaViBridgeFileError(
+                f"{folder.name}/{name} holds a {type(obj).__name__}, not an adapter state_dict"
+                + (" (lora_*.pt files are lists; load them as LaVi-Bridge LoRA)" if isinstance(obj, list) else "")
+            )
+        return dict(obj), name
+    sharded = sorted(p.name for p in folder.glob("diffusion_pytorch_model*.index.json"))
+    hint = f" (found a sharded {sharded[0]}, which this loader does not read: merge the shards)" if sharded else ""
+    raise LaViBridgeFileError(
+        f"{folder.name} has no adapter weights{hint}: expected {' or '.join(WEIGHT_FILES)} next to config.json"
+    )
+
+
+def load_adapter(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> TextAdapter:
+    """Load a LaVi-Bridge ``adapter/`` folder strictly onto the CPU, in eval mode, frozen."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LaViBridgeFileError(
+            f"LaVi-Bridge adapter folder not found: {folder}. Point to the 'adapter' folder inside a "
+            "LaVi-Bridge checkpoint (e.g. t5_unet/adapter)"
+        )
+    config = read_adapter_config(folder)
+    state_dict, file_name = _read_weights(folder)
+    model = TextAdapter(config)
+    details = state_dict_mismatch(model.state_dict(), state_dict)
+    if details:
+        raise LaViBridgeFileError(
+            f"{folder.name}/{file_name} does not fit the TextAdapter{(config.in_dim, config.int_dim, config.out_dim)} "
+            f"of its config.json: {details}. Found {describe_keys(state_dict)}; config.json and the weights must "
+            "come from the same release"
+        )
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    model = model.to(dtype).eval().requires_grad_(False)
+    logger.info(
+        "Loaded LaVi-Bridge adapter %s (%s, %d -> %d -> %d)",
+        folder.name, config.name or "custom size", config.in_dim, config.int_dim, config.out_dim,
+    )
+    return model

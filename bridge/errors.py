@@ -1,0 +1,7 @@
+"""Errors shared by the LaVi-Bridge modules (adapter, language models, LoRA)."""
+
+from __future__ import annotations
+
+
+class LaViBridgeFileError(ValueError):
+    """A LaVi-Bridge file or folder that cannot be used; the message names the problem and the fix."""
