@@ -437,3 +437,15 @@ def merged_state(
             )
         out[key] = (weight.float() + strength * delta).to(weight.dtype)
     return out
+
+
+def named_lora_state_dict(mapped: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Mapped pairs in the common named LoRA layout: ``<module>.lora_up.weight``, ``<module>.lora_down.weight``
+    and ``<module>.alpha`` = rank, so loaders that scale by alpha / rank (ComfyUI's among them) apply
+    LaVi-Bridge's unscaled ``up @ down``."""
+    state: dict[str, torch.Tensor] = {}
+    for name, (up, down) in mapped.items():
+        state[f"{name}.lora_up.weight"] = up
+        state[f"{name}.lora_down.weight"] = down
+        state[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    return state

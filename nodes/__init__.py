@@ -9,6 +9,7 @@ from .audio import AUDIO_ENCODER_FOLDER, X2IAudioEncoderLoader, X2IGlueGenAudioE
 from .common import GLUENET_EXTENSIONS, GLUENET_FOLDER, TEXT_ENCODER_FOLDERS, register_model_folder
 from .fusion import X2ITopKFusion
 from .gluegen import X2IGlueGenTextEncode, X2IGlueNetLoader, X2IGlueNetRouter
+from .lavibridge import LAVI_BRIDGE_FOLDER, X2ILanguageModelLoader, X2ILaViBridgeLoader, X2ILaViBridgeTextEncode
 from .pointcloud import (
     POINT_ENCODER_EXTENSIONS,
     POINT_ENCODER_FOLDER,
@@ -20,6 +21,7 @@ from .text_encoders import X2ITextEncoderLoader
 
 register_model_folder(GLUENET_FOLDER, GLUENET_EXTENSIONS)
 register_model_folder(POINT_ENCODER_FOLDER, POINT_ENCODER_EXTENSIONS)
+register_model_folder(LAVI_BRIDGE_FOLDER, ())
 register_model_folder(AUDIO_ENCODER_FOLDER, (".pt", ".pth", ".ckpt"))
 for _folder in TEXT_ENCODER_FOLDERS:
     register_model_folder(_folder, ())
@@ -39,4 +41,7 @@ class X2IExtension(ComfyExtension):
             X2IPointCloudEncoderLoader,
             X2IGlueGenPointCloudEncode,
             X2ITopKFusion,
+            X2ILanguageModelLoader,
+            X2ILaViBridgeLoader,
+            X2ILaViBridgeTextEncode,
         ]

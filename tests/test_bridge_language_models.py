@@ -7,7 +7,6 @@ classes and tokenizer padding, on tiny real-architecture folders.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -22,37 +21,10 @@ from x2i.bridge.language_models import (
     text_config,
     tokenize_for_bridge,
 )
-from x2i_testing import CORPUS
+from x2i_testing import CORPUS, make_llama_folder
 
 LONG = " ".join(CORPUS[:2] * 12)  # far beyond 120 tokens for both tiny tokenizers
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "", "un chat assis", LONG]
-
-
-def make_llama_folder(folder: Path, hidden: int = 32, seed: int = 0, add_bos_token: bool = True) -> Path:
-    """A tiny Llama (CausalLM checkpoint + BPE tokenizer with Llama-2's <unk>/<s>/</s> = 0/1/2,
-    add_bos_token True, add_eos_token False, no pad token), written with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    bpe.train_from_iterator(CORPUS * 5, trainer)
-    model_json = json.loads(bpe.to_str())["model"]
-    tokenizer = LlamaTokenizer(
-        vocab=model_json["vocab"], merges=[tuple(m) for m in model_json["merges"]],
-        add_bos_token=add_bos_token, add_eos_token=False,
-    )
-    config = LlamaConfig(
-        vocab_size=len(model_json["vocab"]), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -344,3 +344,57 @@ def audioclip_full_checkpoint(path: Path, seed: int = 0) -> dict[str, torch.Tens
                   "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(12, 4)})
     torch.save(state, path)
     return weights
+
+
+# ---- LaVi-Bridge folders in the released layout ----
+
+def write_lavibridge_folder(folder: Path, language_model, family: str, adapter_in: int, seed: int = 0, rank: int = 32) -> Path:
+    """``<folder>/lora_vis.pt`` (full-size SD1.x U-Net), ``lora_text.pt`` (for ``language_model``) as
+    positional fp16 ``[up, down, ...]`` lists, and ``adapter/`` as the official save_pretrained writes it."""
+    import x2i.bridge as bridge
+
+    g = torch.Generator().manual_seed(seed)
+
+    def pairs(targets) -> list[torch.Tensor]:
+        flat: list[torch.Tensor] = []
+        for target in targets:
+            up_shape, down_shape = target.pair_shapes(rank)
+            flat += [(torch.randn(up_shape, generator=g) * 0.02).half(), (torch.randn(down_shape, generator=g) * 0.02).half()]
+        return flat
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(pairs(bridge.unet_lora_targets()), folder / "lora_vis.pt")
+    torch.save(pairs(bridge.text_lora_targets(language_model, family)), folder / "lora_text.pt")
+    adapter = bridge.TextAdapter(bridge.TextAdapterConfig(adapter_in, 64, 768))
+    (folder / "adapter").mkdir(exist_ok=True)
+    config = {"_class_name": "TextAdapter", "_diffusers_version": "0.24.0", "in_dim": adapter_in, "int_dim": 64, "out_dim": 768}
+    (folder / "adapter" / "config.json").write_text(json.dumps(config))
+    torch.save(adapter.state_dict(), folder / "adapter" / "diffusion_pytorch_model.bin")
+    return folder
+
+
+def make_llama_folder(folder: Path, hidden: int = 32, seed: int = 0, add_bos_token: bool = True) -> Path:
+    """A tiny Llama (CausalLM checkpoint + BPE tokenizer with Llama-2's <unk>/<s>/</s> = 0/1/2,
+    add_bos_token True, add_eos_token False, no pad token), written with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    bpe.train_from_iterator(CORPUS * 5, trainer)
+    model_json = json.loads(bpe.to_str())["model"]
+    tokenizer = LlamaTokenizer(
+        vocab=model_json["vocab"], merges=[tuple(m) for m in model_json["merges"]],
+        add_bos_token=add_bos_token, add_eos_token=False,
+    )
+    config = LlamaConfig(
+        vocab_size=len(model_json["vocab"]), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

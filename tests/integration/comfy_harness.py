@@ -25,7 +25,7 @@ log = logging.getLogger("x2i.tests.comfy")
 # Model folders the server gets from the test models dir (names are ComfyUI folder keys).
 MODEL_FOLDERS = (
     "checkpoints", "text_encoders", "gluenet", "vae", "loras", "diffusion_models", "audio_encoders",
-    "point_encoders",
+    "point_encoders", "lavi_bridge",
 )
 STARTUP_TIMEOUT_S = 120.0
 POLL_INTERVAL_S = 0.25

@@ -1,0 +1,215 @@
+"""LaVi-Bridge: a language model joins the user's own SD1.x MODEL through an adapter plus LoRA in both.
+
+The U-Net LoRA becomes ordinary ModelPatcher patches on a clone of the MODEL, so every sampler,
+other LoRAs and ControlNet keep working and the weights are merged once (no per-step cost); the
+language-model LoRA is patched onto a clone of the language model the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.lora
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..bridge import (
+    RELEASED_ADAPTERS,
+    LaViBridgeRecipe,
+    check_widths,
+    encode_for_bridge,
+    load_adapter,
+    map_lora_pairs,
+    read_lora_pairs,
+    text_lora_targets,
+    unet_lora_targets,
+)
+from ..bridge.lora import SD1_UNET, named_lora_state_dict
+from ..encoders import HFTextEncoder, list_encoder_folders, load_text_encoder
+from .common import (
+    CATEGORY,
+    DTYPE_CHOICES,
+    TEXT_ENCODER_FOLDERS,
+    X2IEncoder,
+    encoder_dtype,
+    encoder_patcher,
+    encoder_with,
+    model_folder_paths,
+    resolve_encoder_folder,
+    to_conditioning,
+)
+
+LAVI_BRIDGE_FOLDER = "lavi_bridge"
+BridgeType = io.Custom("X2I_BRIDGE")
+QUALITY_SUFFIX_TOOLTIP = "Append the official ', best quality, extremely detailed, 4k resolution' to the prompt."
+
+
+@dataclass(frozen=True)
+class LoadedBridge:
+    """The X2I_BRIDGE value: the LoRA-patched language model, the adapter, and how to tokenise."""
+
+    language_model: comfy.model_patcher.ModelPatcher
+    adapter: comfy.model_patcher.ModelPatcher
+    recipe: LaViBridgeRecipe
+
+
+def _bridge_folders() -> list[str]:
+    found = set()
+    for root in folder_paths.get_folder_paths(LAVI_BRIDGE_FOLDER):
+        if os.path.isdir(root):
+            found.update(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name, "adapter")))
+    return sorted(found)
+
+
+def _resolve_bridge(name: str) -> Path:
+    for root in folder_paths.get_folder_paths(LAVI_BRIDGE_FOLDER):
+        folder = Path(root) / name
+        if (folder / "adapter").is_dir():
+            return folder
+    raise FileNotFoundError(f"LaVi-Bridge folder '{name}' (with an adapter/ subfolder) not found in models/{LAVI_BRIDGE_FOLDER}")
+
+
+def _recipe_of(folder: Path, adapter) -> LaViBridgeRecipe:
+    """The release's folder name when kept (t5_unet, llama2_unet, t5_transformer), else the adapter's widths."""
+    if folder.name in RELEASED_ADAPTERS:
+        return LaViBridgeRecipe(folder.name)
+    widths = (adapter.config.in_dim, adapter.config.out_dim)
+    for recipe, config in RELEASED_ADAPTERS.items():
+        if widths == (config.in_dim, config.out_dim):
+            return LaViBridgeRecipe(recipe)
+    raise ValueError(
+        f"{folder.name}: adapter {widths[0]} -> {widths[1]} matches no LaVi-Bridge recipe "
+        f"({', '.join(f'{r}: {c.in_dim} -> {c.out_dim}' for r, c in RELEASED_ADAPTERS.items())})"
+    )
+
+
+def _sd1_unet_key_map(model) -> dict[str, str]:
+    """Diffusers module name -> ComfyUI weight key of an SD1.x MODEL, through ComfyUI's own converter."""
+    unet_config = model.model.model_config.unet_config
+    if unet_config.get("context_dim") != SD1_UNET.cross_attention_dim or "num_res_blocks" not in unet_config:
+        raise ValueError(
+            f"this LaVi-Bridge is for SD1.x U-Nets (768-wide text context), but the connected MODEL is "
+            f"{type(model.model).__name__} with context width {unet_config.get('context_dim')}: connect an SD1.x checkpoint"
+        )
+    diffusers_to_ldm = comfy.utils.unet_to_diffusers(unet_config)
+    return {k[: -len(".weight")]: f"diffusion_model.{v}" for k, v in diffusers_to_ldm.items() if k.endswith(".weight")}
+
+
+def _patched(patcher, mapped: dict, key_map: dict[str, str], strength: float):
+    missing = sorted(set(mapped) - set(key_map))
+    if missing:
+        raise ValueError(f"{len(missing)} LoRA layers have no weight in this model (e.g. {missing[0]})")
+    patches = comfy.lora.load_lora(named_lora_state_dict(mapped), {name: key_map[name] for name in mapped})
+    clone = patcher.clone()
+    added = clone.add_patches(patches, strength)
+    if len(added) != len(mapped):
+        raise ValueError(f"only {len(added)} of {len(mapped)} LoRA layers found a weight to patch in this model")
+    return clone
+
+
+class X2ILanguageModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2ILanguageModelLoader",
+            display_name="X2I Language Model Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a Hugging Face language model folder (T5, Llama, BERT...) offline from "
+            "models/text_encoders for LaVi-Bridge.",
+            inputs=[
+                io.Combo.Input("model_name", options=list_encoder_folders(model_folder_paths(TEXT_ENCODER_FOLDERS))),
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
+                               tooltip="auto: ComfyUI's text-encoder precision on GPU, fp32 on CPU."),
+            ],
+            outputs=[X2IEncoder.Output(display_name="language_model")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, dtype: str) -> io.NodeOutput:
+        module = load_text_encoder(resolve_encoder_folder(model_name), dtype=encoder_dtype(dtype, mm.text_encoder_device()))
+        return io.NodeOutput(encoder_patcher(module))
+
+
+class X2ILaViBridgeLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2ILaViBridgeLoader",
+            display_name="X2I LaVi-Bridge Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Applies a LaVi-Bridge (models/lavi_bridge/<name>/ with lora_vis.pt, lora_text.pt, adapter/) "
+            "to your SD1.x MODEL and to the language model. The MODEL keeps working with every sampler, LoRA and ControlNet.",
+            inputs=[
+                io.Model.Input("model"),
+                X2IEncoder.Input("language_model"),
+                io.Combo.Input("bridge_name", options=_bridge_folders()),
+                io.Float.Input("unet_strength", default=1.0, min=-4.0, max=4.0, step=0.05),
+                io.Float.Input("text_strength", default=1.0, min=-4.0, max=4.0, step=0.05),
+            ],
+            outputs=[io.Model.Output(), BridgeType.Output(display_name="bridge")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, bridge_name: str, unet_strength: float, text_strength: float, **_) -> bool | str:
+        try:
+            folder = _resolve_bridge(bridge_name)
+        except FileNotFoundError as exc:
+            return str(exc)
+        missing = [name for name in ("lora_vis.pt", "lora_text.pt") if not (folder / name).is_file()]
+        return f"{bridge_name} lacks {' and '.join(missing)}: copy the whole released folder" if missing else True
+
+    @classmethod
+    def execute(cls, model, language_model, bridge_name: str, unet_strength: float, text_strength: float) -> io.NodeOutput:
+        folder = _resolve_bridge(bridge_name)
+        lm: HFTextEncoder = encoder_with(language_model, "encode", "X2I Language Model Loader")
+        adapter = load_adapter(folder / "adapter")
+        recipe = _recipe_of(folder, adapter)
+        if recipe == LaViBridgeRecipe.T5_TRANSFORMER:
+            raise ValueError(f"{bridge_name} bridges T5 to PixArt; this release of X2I applies LaVi-Bridge to SD1.x U-Nets only")
+        check_widths(adapter, lm.hidden_size, SD1_UNET.cross_attention_dim)
+        unet_pairs = map_lora_pairs(read_lora_pairs(folder / "lora_vis.pt"), unet_lora_targets(SD1_UNET), f"{bridge_name}/lora_vis.pt")
+        bridged_model = _patched(model, unet_pairs, _sd1_unet_key_map(model), unet_strength)
+        family = "llama" if recipe == LaViBridgeRecipe.LLAMA2_UNET else "t5"
+        text_pairs = map_lora_pairs(
+            read_lora_pairs(folder / "lora_text.pt"), text_lora_targets(lm.transformer, family), f"{bridge_name}/lora_text.pt"
+        )
+        text_keys = {name: f"transformer.{name}.weight" for name in text_pairs}
+        bridged_lm = _patched(language_model, text_pairs, text_keys, text_strength)
+        bridge = LoadedBridge(bridged_lm, encoder_patcher(adapter), recipe)
+        return io.NodeOutput(bridged_model, bridge)
+
+
+class X2ILaViBridgeTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2ILaViBridgeTextEncode",
+            display_name="X2I LaVi-Bridge Text Encode",
+            category=f"{CATEGORY}/lavibridge",
+            description="Encodes a prompt with the bridged language model and adapter into conditioning for the "
+            "bridged MODEL. Use it for the negative prompt too.",
+            inputs=[
+                BridgeType.Input("bridge"),
+                io.String.Input("text", multiline=True, dynamic_prompts=True),
+                io.Boolean.Input("quality_suffix", default=False, tooltip=QUALITY_SUFFIX_TOOLTIP),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, bridge: LoadedBridge, text: str, quality_suffix: bool) -> io.NodeOutput:
+        mm.throw_exception_if_processing_interrupted()
+        mm.load_models_gpu([bridge.language_model, bridge.adapter])
+        lm: HFTextEncoder = bridge.language_model.model
+        features, _ = encode_for_bridge(bridge.recipe, lm, lm.tokenizer, [text], add_prompt_suffix=quality_suffix)
+        adapter = bridge.adapter.model
+        param = next(adapter.parameters())
+        with torch.inference_mode():
+            tokens = adapter(features.to(device=param.device, dtype=param.dtype))
+        return io.NodeOutput(to_conditioning(tokens))

@@ -1,0 +1,137 @@
+"""LaVi-Bridge nodes inside ComfyUI: the U-Net LoRA becomes patches whose merged weights are exactly
+W + s * up @ down on ComfyUI's own SD1.5 MODEL, the text LoRA lands on the language model, and the
+conditioning equals the official path (features -> adapter)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import T5EncoderModel
+
+from x2i.bridge import LaViBridgeRecipe, encode_for_bridge, load_adapter, read_lora_pairs, unet_lora_targets
+from x2i_testing import write_lavibridge_folder
+
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+@pytest.fixture(scope="module")
+def sd15_model(comfy):
+    import comfy.model_detection
+    import comfy.model_patcher
+
+    model = comfy.model_detection.model_config_from_unet_config(SD15_UNET).get_model({})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # ComfyUI's constructors skip initialisation
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+@pytest.fixture(scope="module")
+def bridge_files(comfy, tiny_t5):
+    import folder_paths
+
+    models = comfy["models"]
+    (models / "lavi_bridge").mkdir(exist_ok=True)
+    folder_paths.folder_names_and_paths["lavi_bridge"] = ([str(models / "lavi_bridge")], set())
+    shutil.copytree(tiny_t5, models / "text_encoders" / "t5-large", dirs_exist_ok=True)
+    t5 = T5EncoderModel.from_pretrained(tiny_t5)
+    return write_lavibridge_folder(models / "lavi_bridge" / "t5_unet", t5, "t5", adapter_in=t5.config.d_model)
+
+
+def test_unet_lora_patches_merge_exactly_and_stack(pack, sd15_model, bridge_files):
+    import comfy.model_management as mm
+
+    lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
+    assert "t5_unet" in pack.X2ILaViBridgeLoader.define_schema().inputs[2].options
+    before = {k: v.clone() for k, v in sd15_model.model.diffusion_model.state_dict().items()}
+    bridged, bridge = pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_unet", 0.7, 0.5).result
+    assert bridged is not sd15_model and len(bridged.patches) == 224
+    pairs = read_lora_pairs(bridge_files / "lora_vis.pt")
+    targets = unet_lora_targets()
+    mm.load_models_gpu([bridged])
+    after = bridged.model.diffusion_model.state_dict()
+    checks = {
+        5: "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",  # down_blocks.0...attn2.to_k
+        len(targets) - 1: "middle_block.2.out_layers.3.weight",  # mid_block.resnets.1.conv2
+    }
+    for index, key in checks.items():
+        up, down = (t.float() for t in pairs[index])
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(before[key].shape)
+        torch.testing.assert_close(after[key], before[key] + 0.7 * delta, atol=1e-6, rtol=1e-5)
+    mm.unload_all_models()
+    torch.testing.assert_close(sd15_model.model.diffusion_model.state_dict()[checks[5]], before[checks[5]])
+
+
+def test_text_encode_is_the_official_path_through_the_bridged_language_model(pack, sd15_model, bridge_files):
+    lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
+    _, bridge = pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_unet", 1.0, 1.0).result
+    (conditioning,) = pack.X2ILaViBridgeTextEncode.execute(bridge, "a red cube on a blue sphere", False).result
+    tokens = conditioning[0][0]
+    assert tokens.shape == (1, 77, 768)
+    # The same with the text LoRA off must differ: the language-model LoRA is really applied.
+    _, plain = pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_unet", 1.0, 0.0).result
+    (unpatched,) = pack.X2ILaViBridgeTextEncode.execute(plain, "a red cube on a blue sphere", False).result
+    assert not torch.allclose(tokens, unpatched[0][0], atol=1e-6)
+    # Reference: official features of the unpatched model, then the adapter.
+    adapter = load_adapter(bridge_files / "adapter")
+    features, _ = encode_for_bridge(LaViBridgeRecipe.T5_UNET, lm.model, lm.model.tokenizer, ["a red cube on a blue sphere"])
+    with torch.no_grad():
+        torch.testing.assert_close(unpatched[0][0], adapter(features), atol=1e-5, rtol=1e-5)
+
+
+def test_a_bridge_on_the_wrong_model_is_refused(pack, comfy, bridge_files, tiny_xlmr):
+    import comfy.model_detection
+    import comfy.model_patcher
+
+    lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
+    sd2 = dict(SD15_UNET, context_dim=1024, num_head_channels=64, use_linear_in_transformer=True)
+    sd2.pop("num_heads")
+    model = comfy.model_detection.model_config_from_unet_config(sd2)
+    assert model is not None
+    patcher = comfy.model_patcher.ModelPatcher(model.get_model({}), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="for SD1.x U-Nets .* context width 1024"):
+        pack.X2ILaViBridgeLoader.execute(patcher, lm, "t5_unet", 1.0, 1.0)
+
+
+def test_missing_bridge_files_fail_validation(pack, bridge_files):
+    assert pack.X2ILaViBridgeLoader.validate_inputs("t5_unet", 1.0, 1.0) is True
+    assert "not found in models/lavi_bridge" in pack.X2ILaViBridgeLoader.validate_inputs("llama2_unet", 1.0, 1.0)
+    (bridge_files / "lora_text.pt").rename(bridge_files / "lora_text.bak")
+    try:
+        assert pack.X2ILaViBridgeLoader.validate_inputs("t5_unet", 1.0, 1.0) == "t5_unet lacks lora_text.pt: copy the whole released folder"
+    finally:
+        (bridge_files / "lora_text.bak").rename(bridge_files / "lora_text.pt")
+
+
+def test_llama_bridge_patches_every_attention_projection(pack, comfy, sd15_model, tmp_path_factory):
+    import comfy.model_management as mm
+    from transformers import AutoModel
+
+    from x2i_testing import make_llama_folder
+
+    models = comfy["models"]
+    llama = make_llama_folder(models / "text_encoders" / "llama-2-7b-tiny")
+    write_lavibridge_folder(models / "lavi_bridge" / "llama2_unet", AutoModel.from_pretrained(llama), "llama", adapter_in=32, seed=4)
+    lm = pack.X2ILanguageModelLoader.execute("llama-2-7b-tiny", "fp32").result[0]
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    _, bridge = pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "llama2_unet", 1.0, 1.0).result
+    assert bridge.recipe == LaViBridgeRecipe.LLAMA2_UNET
+    text_keys = [k for k in bridge.language_model.patches if ".self_attn." in k]
+    assert len(text_keys) == len(bridge.language_model.patches) == 4 * lm.model.transformer.config.num_hidden_layers
+    (conditioning,) = pack.X2ILaViBridgeTextEncode.execute(bridge, "a cat", False).result
+    assert conditioning[0][0].shape == (1, 77, 768) and torch.isfinite(conditioning[0][0]).all()
+    mm.load_models_gpu([bridge.language_model])
+    changed = [k for k in text_keys if not torch.equal(bridge.language_model.model.state_dict()[k], before[k])]
+    assert changed == text_keys
+    mm.unload_all_models()

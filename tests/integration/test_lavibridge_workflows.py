@@ -1,0 +1,51 @@
+"""The shipped LaVi-Bridge workflow in a real ComfyUI server (released-format bridge files, random
+weights), sampled by KSampler, then with a second ordinary LoRA stacked on the bridged MODEL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from comfy_harness import ComfyServer, shipped_workflow_prompt
+from safetensors.torch import save_file
+from transformers import T5EncoderModel
+
+from x2i_testing import make_t5_encoder_folder, write_lavibridge_folder
+
+SECOND_LORA = "second_lora.safetensors"
+# A kohya-style LoRA on one cross-attention layer, named the way ComfyUI maps SD1.x LoRAs.
+SECOND_LORA_KEY = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+
+
+@pytest.fixture(scope="session")
+def lavibridge_models(comfy_models_dir: Path) -> Path:
+    t5_folder = make_t5_encoder_folder(comfy_models_dir / "text_encoders" / "t5-large")
+    (comfy_models_dir / "lavi_bridge").mkdir(exist_ok=True)
+    t5 = T5EncoderModel.from_pretrained(t5_folder)
+    write_lavibridge_folder(comfy_models_dir / "lavi_bridge" / "t5_unet", t5, "t5", adapter_in=t5.config.d_model)
+    save_file(
+        {f"{SECOND_LORA_KEY}.lora_up.weight": torch.randn(320, 4) * 0.01,
+         f"{SECOND_LORA_KEY}.lora_down.weight": torch.randn(4, 768) * 0.01,
+         f"{SECOND_LORA_KEY}.alpha": torch.tensor(4.0)},
+        str(comfy_models_dir / "loras" / SECOND_LORA),
+    )
+    return comfy_models_dir
+
+
+def test_shipped_lavibridge_workflow_samples_with_ksampler(lavibridge_models, comfy_server: ComfyServer):
+    entry = comfy_server.run(shipped_workflow_prompt("lavibridge_t5_sd15.json", comfy_server))
+    assert entry["status"]["status_str"] == "success"
+    assert len(comfy_server.output_files(entry)) == 1
+
+
+def test_a_second_lora_stacks_on_the_bridged_model(lavibridge_models, comfy_server: ComfyServer):
+    prompt = shipped_workflow_prompt("lavibridge_t5_sd15.json", comfy_server)
+    bridge_id = next(i for i, n in prompt.items() if n["class_type"] == "X2ILaViBridgeLoader")
+    sampler = next(n for n in prompt.values() if n["class_type"] == "KSampler")
+    prompt["900"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": [bridge_id, 0], "lora_name": SECOND_LORA, "strength_model": 0.8}}
+    sampler["inputs"]["model"] = ["900", 0]
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success"
+    assert len(comfy_server.output_files(entry)) == 1
+    assert "lora key not loaded" not in comfy_server.log_tail(400_000)
