@@ -9,7 +9,7 @@ from .audio import AUDIO_ENCODER_FOLDER, X2IAudioEncoderLoader, X2IGlueGenAudioE
 from .common import GLUENET_EXTENSIONS, GLUENET_FOLDER, TEXT_ENCODER_FOLDERS, register_model_folder
 from .fusion import X2ITopKFusion
 from .gluegen import X2IGlueGenTextEncode, X2IGlueNetLoader, X2IGlueNetRouter
-from .lavibridge import LAVI_BRIDGE_FOLDER, X2ILanguageModelLoader, X2ILaViBridgeLoader, X2ILaViBridgeTextEncode
+from .lavibridge import LAVI_BRIDGE_FOLDER, X2ILaViBridgeLoader, X2ILaViBridgeTextEncode
 from .pointcloud import (
     POINT_ENCODER_EXTENSIONS,
     POINT_ENCODER_FOLDER,
@@ -17,7 +17,7 @@ from .pointcloud import (
     X2IPointCloudEncoderLoader,
     X2IPointCloudLoader,
 )
-from .text_encoders import X2ITextEncoderLoader
+from .text_encoders import X2ILanguageModelLoader, X2ITextEncoderLoader
 
 register_model_folder(GLUENET_FOLDER, GLUENET_EXTENSIONS)
 register_model_folder(POINT_ENCODER_FOLDER, POINT_ENCODER_EXTENSIONS)

@@ -31,17 +31,12 @@ from ..bridge import (
     unet_lora_targets,
 )
 from ..bridge.lora import SD1_UNET, named_lora_state_dict
-from ..encoders import HFTextEncoder, list_encoder_folders, load_text_encoder
+from ..encoders import HFTextEncoder
 from .common import (
     CATEGORY,
-    DTYPE_CHOICES,
-    TEXT_ENCODER_FOLDERS,
     X2IEncoder,
-    encoder_dtype,
     encoder_patcher,
     encoder_with,
-    model_folder_paths,
-    resolve_encoder_folder,
     to_conditioning,
 )
 
@@ -111,29 +106,6 @@ def _patched(patcher, mapped: dict, key_map: dict[str, str], strength: float):
     if len(added) != len(mapped):
         raise ValueError(f"only {len(added)} of {len(mapped)} LoRA layers found a weight to patch in this model")
     return clone
-
-
-class X2ILanguageModelLoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="X2ILanguageModelLoader",
-            display_name="X2I Language Model Loader",
-            category=f"{CATEGORY}/loaders",
-            description="Loads a Hugging Face language model folder (T5, Llama, BERT...) offline from "
-            "models/text_encoders for LaVi-Bridge.",
-            inputs=[
-                io.Combo.Input("model_name", options=list_encoder_folders(model_folder_paths(TEXT_ENCODER_FOLDERS))),
-                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
-                               tooltip="auto: ComfyUI's text-encoder precision on GPU, fp32 on CPU."),
-            ],
-            outputs=[X2IEncoder.Output(display_name="language_model")],
-        )
-
-    @classmethod
-    def execute(cls, model_name: str, dtype: str) -> io.NodeOutput:
-        module = load_text_encoder(resolve_encoder_folder(model_name), dtype=encoder_dtype(dtype, mm.text_encoder_device()))
-        return io.NodeOutput(encoder_patcher(module))
 
 
 class X2ILaViBridgeLoader(io.ComfyNode):

@@ -1,4 +1,5 @@
-"""Loading Hugging Face text encoders (XLM-Roberta, T5, BERT, CLIP text, ...) as X2I encoders."""
+"""Loading Hugging Face text encoders (XLM-Roberta, T5, BERT, CLIP text, ...) and language models (T5,
+Llama, ...) as X2I encoders."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from .common import (
     model_folder_paths,
     resolve_encoder_folder,
 )
+
+
+def _load_managed(folder_name: str, dtype: str):
+    """A Hugging Face folder from models/text_encoders, loaded offline and handed to ComfyUI's model management."""
+    module = load_text_encoder(resolve_encoder_folder(folder_name), dtype=encoder_dtype(dtype, mm.text_encoder_device()))
+    return encoder_patcher(module)
 
 
 class X2ITextEncoderLoader(io.ComfyNode):
@@ -45,6 +52,26 @@ class X2ITextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
-        folder = resolve_encoder_folder(encoder_name)
-        module = load_text_encoder(folder, dtype=encoder_dtype(dtype, mm.text_encoder_device()))
-        return io.NodeOutput(encoder_patcher(module))
+        return io.NodeOutput(_load_managed(encoder_name, dtype))
+
+
+class X2ILanguageModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="X2ILanguageModelLoader",
+            display_name="X2I Language Model Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a Hugging Face language model folder (T5, Llama, BERT...) offline from "
+            "models/text_encoders for LaVi-Bridge.",
+            inputs=[
+                io.Combo.Input("model_name", options=list_encoder_folders(model_folder_paths(TEXT_ENCODER_FOLDERS))),
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
+                               tooltip="auto: ComfyUI's text-encoder precision on GPU, fp32 on CPU."),
+            ],
+            outputs=[X2IEncoder.Output(display_name="language_model")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, dtype: str) -> io.NodeOutput:
+        return io.NodeOutput(_load_managed(model_name, dtype))
