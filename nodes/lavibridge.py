@@ -1,4 +1,4 @@
-"""LaVi-Bridge: a language model joins the user's own SD1.x MODEL through an adapter plus LoRA in both.
+"""LaVi-Bridge: a language model joins the user's own SD1.x or PixArt MODEL through an adapter plus LoRA in both.
 
 The U-Net LoRA becomes ordinary ModelPatcher patches on a clone of the MODEL, so every sampler,
 other LoRAs and ControlNet keep working and the weights are merged once (no per-step cost); the
@@ -26,6 +26,7 @@ from ..bridge import (
     encode_for_bridge,
     load_adapter,
     map_lora_pairs,
+    pixart_lora_targets,
     read_lora_pairs,
     text_lora_targets,
     unet_lora_targets,
@@ -42,6 +43,7 @@ from .common import (
 
 LAVI_BRIDGE_FOLDER = "lavi_bridge"
 BridgeType = io.Custom("X2I_BRIDGE")
+PIXART_CONTEXT_DIM = 4096  # T5-XXL width that PixArt's frozen caption projection expects
 QUALITY_SUFFIX_TOOLTIP = "Append the official ', best quality, extremely detailed, 4k resolution' to the prompt."
 
 
@@ -84,16 +86,28 @@ def _recipe_of(folder: Path, adapter) -> LaViBridgeRecipe:
     )
 
 
-def _sd1_unet_key_map(model) -> dict[str, str]:
-    """Diffusers module name -> ComfyUI weight key of an SD1.x MODEL, through ComfyUI's own converter."""
+def _vision_side(model, recipe: LaViBridgeRecipe) -> tuple[list, dict, int]:
+    """(LoRA targets in the official order, diffusers name -> ComfyUI weight key, text context width) of
+    the connected MODEL, through ComfyUI's own key converters (PixArt's fused qkv / kv as offsets)."""
     unet_config = model.model.model_config.unet_config
-    if unet_config.get("context_dim") != SD1_UNET.cross_attention_dim or "num_res_blocks" not in unet_config:
+    is_pixart = str(unet_config.get("image_model", "")).startswith("pixart")
+    if recipe == LaViBridgeRecipe.T5_TRANSFORMER:
+        if not is_pixart:
+            raise ValueError(
+                f"{recipe.value} bridges T5 to PixArt-XL-2, but the connected MODEL is {type(model.model).__name__}: "
+                "connect a PixArt checkpoint (or use t5_unet / llama2_unet with SD1.x)"
+            )
+        targets = pixart_lora_targets(unet_config.get("depth", 28), unet_config.get("hidden_size", 1152))
+        converted = comfy.utils.pixart_to_diffusers(unet_config, output_prefix="diffusion_model.")
+        return targets, {k[: -len(".weight")]: v for k, v in converted.items() if k.endswith(".weight")}, PIXART_CONTEXT_DIM
+    if is_pixart or unet_config.get("context_dim") != SD1_UNET.cross_attention_dim or "num_res_blocks" not in unet_config:
         raise ValueError(
-            f"this LaVi-Bridge is for SD1.x U-Nets (768-wide text context), but the connected MODEL is "
+            f"{recipe.value} is for SD1.x U-Nets (768-wide text context), but the connected MODEL is "
             f"{type(model.model).__name__} with context width {unet_config.get('context_dim')}: connect an SD1.x checkpoint"
         )
-    diffusers_to_ldm = comfy.utils.unet_to_diffusers(unet_config)
-    return {k[: -len(".weight")]: f"diffusion_model.{v}" for k, v in diffusers_to_ldm.items() if k.endswith(".weight")}
+    converted = comfy.utils.unet_to_diffusers(unet_config)
+    key_map = {k[: -len(".weight")]: f"diffusion_model.{v}" for k, v in converted.items() if k.endswith(".weight")}
+    return unet_lora_targets(SD1_UNET), key_map, SD1_UNET.cross_attention_dim
 
 
 def _patched(patcher, mapped: dict, key_map: dict[str, str], strength: float):
@@ -116,7 +130,7 @@ class X2ILaViBridgeLoader(io.ComfyNode):
             display_name="X2I LaVi-Bridge Loader",
             category=f"{CATEGORY}/loaders",
             description="Applies a LaVi-Bridge (models/lavi_bridge/<name>/ with lora_vis.pt, lora_text.pt, adapter/) "
-            "to your SD1.x MODEL and to the language model. The MODEL keeps working with every sampler, LoRA and ControlNet.",
+            "to your SD1.x or PixArt MODEL and to the language model. The MODEL keeps working with every sampler, LoRA and ControlNet.",
             inputs=[
                 io.Model.Input("model"),
                 X2IEncoder.Input("language_model"),
@@ -142,11 +156,10 @@ class X2ILaViBridgeLoader(io.ComfyNode):
         lm: HFTextEncoder = encoder_with(language_model, "encode", "X2I Language Model Loader")
         adapter = load_adapter(folder / "adapter")
         recipe = _recipe_of(folder, adapter)
-        if recipe == LaViBridgeRecipe.T5_TRANSFORMER:
-            raise ValueError(f"{bridge_name} bridges T5 to PixArt; this release of X2I applies LaVi-Bridge to SD1.x U-Nets only")
-        check_widths(adapter, lm.hidden_size, SD1_UNET.cross_attention_dim)
-        unet_pairs = map_lora_pairs(read_lora_pairs(folder / "lora_vis.pt"), unet_lora_targets(SD1_UNET), f"{bridge_name}/lora_vis.pt")
-        bridged_model = _patched(model, unet_pairs, _sd1_unet_key_map(model), unet_strength)
+        targets, key_map, context_dim = _vision_side(model, recipe)
+        check_widths(adapter, lm.hidden_size, context_dim)
+        vision_pairs = map_lora_pairs(read_lora_pairs(folder / "lora_vis.pt"), targets, f"{bridge_name}/lora_vis.pt")
+        bridged_model = _patched(model, vision_pairs, key_map, unet_strength)
         family = "llama" if recipe == LaViBridgeRecipe.LLAMA2_UNET else "t5"
         text_pairs = map_lora_pairs(
             read_lora_pairs(folder / "lora_text.pt"), text_lora_targets(lm.transformer, family), f"{bridge_name}/lora_text.pt"
@@ -179,7 +192,11 @@ class X2ILaViBridgeTextEncode(io.ComfyNode):
         mm.throw_exception_if_processing_interrupted()
         mm.load_models_gpu([bridge.language_model, bridge.adapter])
         lm: HFTextEncoder = bridge.language_model.model
-        features, _ = encode_for_bridge(bridge.recipe, lm, lm.tokenizer, [text], add_prompt_suffix=quality_suffix)
+        features, mask = encode_for_bridge(bridge.recipe, lm, lm.tokenizer, [text], add_prompt_suffix=quality_suffix)
+        if mask is not None:
+            # PixArt's official call masks padded keys in cross-attention; dropping them is the same
+            # attention, and is how ComfyUI feeds PixArt (no mask input on its conditioning).
+            features = features[:, mask[0].bool().to(features.device)]
         adapter = bridge.adapter.model
         param = next(adapter.parameters())
         with torch.inference_mode():

@@ -348,9 +348,12 @@ def audioclip_full_checkpoint(path: Path, seed: int = 0) -> dict[str, torch.Tens
 
 # ---- LaVi-Bridge folders in the released layout ----
 
-def write_lavibridge_folder(folder: Path, language_model, family: str, adapter_in: int, seed: int = 0, rank: int = 32) -> Path:
-    """``<folder>/lora_vis.pt`` (full-size SD1.x U-Net), ``lora_text.pt`` (for ``language_model``) as
-    positional fp16 ``[up, down, ...]`` lists, and ``adapter/`` as the official save_pretrained writes it."""
+def write_lavibridge_folder(
+    folder: Path, language_model, family: str, adapter_in: int, seed: int = 0, rank: int = 32, pixart: bool = False
+) -> Path:
+    """``<folder>/lora_vis.pt`` (full-size SD1.x U-Net, or PixArt-XL-2 with ``pixart``), ``lora_text.pt``
+    (for ``language_model``) as positional fp16 ``[up, down, ...]`` lists, and ``adapter/`` as the
+    official save_pretrained writes it (out width 768, or 4096 for PixArt)."""
     import x2i.bridge as bridge
 
     g = torch.Generator().manual_seed(seed)
@@ -363,11 +366,12 @@ def write_lavibridge_folder(folder: Path, language_model, family: str, adapter_i
         return flat
 
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(pairs(bridge.unet_lora_targets()), folder / "lora_vis.pt")
+    torch.save(pairs(bridge.pixart_lora_targets() if pixart else bridge.unet_lora_targets()), folder / "lora_vis.pt")
     torch.save(pairs(bridge.text_lora_targets(language_model, family)), folder / "lora_text.pt")
-    adapter = bridge.TextAdapter(bridge.TextAdapterConfig(adapter_in, 64, 768))
+    out_dim = 4096 if pixart else 768
+    adapter = bridge.TextAdapter(bridge.TextAdapterConfig(adapter_in, 64, out_dim))
     (folder / "adapter").mkdir(exist_ok=True)
-    config = {"_class_name": "TextAdapter", "_diffusers_version": "0.24.0", "in_dim": adapter_in, "int_dim": 64, "out_dim": 768}
+    config = {"_class_name": "TextAdapter", "_diffusers_version": "0.24.0", "in_dim": adapter_in, "int_dim": 64, "out_dim": out_dim}
     (folder / "adapter" / "config.json").write_text(json.dumps(config))
     torch.save(adapter.state_dict(), folder / "adapter" / "diffusion_pytorch_model.bin")
     return folder

@@ -135,3 +135,60 @@ def test_llama_bridge_patches_every_attention_projection(pack, comfy, sd15_model
     changed = [k for k in text_keys if not torch.equal(bridge.language_model.model.state_dict()[k], before[k])]
     assert changed == text_keys
     mm.unload_all_models()
+
+
+PIXART_ALPHA = {
+    "image_model": "pixart_alpha", "num_heads": 16, "patch_size": 2, "hidden_size": 1152, "in_channels": 4,
+    "depth": 28, "model_max_length": 120, "input_size": 64, "pe_interpolation": 1, "micro_condition": True,
+}
+
+
+@pytest.fixture(scope="module")
+def pixart_model(comfy):
+    import comfy.model_detection
+    import comfy.model_patcher
+
+    model = comfy.model_detection.model_config_from_unet_config(PIXART_ALPHA).get_model({})
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def test_pixart_bridge_lands_on_fused_qkv_and_drops_padding(pack, comfy, pixart_model, sd15_model, bridge_files, tiny_t5):
+    import comfy.model_management as mm
+
+    from x2i.bridge import pixart_lora_targets
+
+    t5 = T5EncoderModel.from_pretrained(tiny_t5)
+    folder = write_lavibridge_folder(comfy["models"] / "lavi_bridge" / "t5_transformer", t5, "t5", adapter_in=t5.config.d_model,
+                                     seed=7, pixart=True)
+    lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
+    before = {k: v.clone() for k, v in pixart_model.model.diffusion_model.state_dict().items()}
+    bridged, bridge = pack.X2ILaViBridgeLoader.execute(pixart_model, lm, "t5_transformer", 0.5, 1.0).result
+    # 8 LoRA layers per block land on 5 ComfyUI weights: q, k, v share the fused qkv, k and v the fused kv.
+    assert len(bridged.patches) == 5 * 28
+    assert len(bridged.patches["diffusion_model.blocks.0.attn.qkv.weight"]) == 3
+    assert len(bridged.patches["diffusion_model.blocks.0.cross_attn.kv_linear.weight"]) == 2
+    pairs = read_lora_pairs(folder / "lora_vis.pt")
+    names = [t.name for t in pixart_lora_targets()]
+    mm.load_models_gpu([bridged])
+    after = bridged.model.diffusion_model.state_dict()
+    for name, key, rows in [
+        ("transformer_blocks.3.attn1.to_k", "blocks.3.attn.qkv.weight", slice(1152, 2304)),
+        ("transformer_blocks.3.attn2.to_v", "blocks.3.cross_attn.kv_linear.weight", slice(1152, 2304)),
+        ("transformer_blocks.27.attn2.to_out.0", "blocks.27.cross_attn.proj.weight", slice(0, 1152)),
+    ]:
+        up, down = (t.float() for t in pairs[names.index(name)])
+        torch.testing.assert_close(after[key][rows], before[key][rows] + 0.5 * (up @ down), atol=1e-6, rtol=1e-5)
+    mm.unload_all_models()
+    (conditioning,) = pack.X2ILaViBridgeTextEncode.execute(bridge, "a cat", False).result
+    tokens = conditioning[0][0]
+    tokenized = encode_for_bridge(LaViBridgeRecipe.T5_TRANSFORMER, lm.model, lm.model.tokenizer, ["a cat"])[1]
+    assert tokens.shape == (1, int(tokenized.sum()), 4096)  # only the prompt's tokens, as masked attention sees them
+    with pytest.raises(ValueError, match="t5_transformer bridges T5 to PixArt-XL-2, but the connected MODEL is"):
+        pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_transformer", 1.0, 1.0)
+    with pytest.raises(ValueError, match="t5_unet is for SD1.x U-Nets"):
+        pack.X2ILaViBridgeLoader.execute(pixart_model, lm, "t5_unet", 1.0, 1.0)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from comfy_harness import ComfyServer, shipped_workflow_prompt
 from safetensors.torch import save_file
-from transformers import T5EncoderModel
+from transformers import AutoModel, T5EncoderModel
 
-from x2i_testing import make_t5_encoder_folder, write_lavibridge_folder
+from x2i_testing import make_llama_folder, make_t5_encoder_folder, write_lavibridge_folder
 
 SECOND_LORA = "second_lora.safetensors"
 # A kohya-style LoRA on one cross-attention layer, named the way ComfyUI maps SD1.x LoRAs.
@@ -24,6 +24,9 @@ def lavibridge_models(comfy_models_dir: Path) -> Path:
     (comfy_models_dir / "lavi_bridge").mkdir(exist_ok=True)
     t5 = T5EncoderModel.from_pretrained(t5_folder)
     write_lavibridge_folder(comfy_models_dir / "lavi_bridge" / "t5_unet", t5, "t5", adapter_in=t5.config.d_model)
+    llama_folder = make_llama_folder(comfy_models_dir / "text_encoders" / "Llama-2-7b-hf")
+    llama = AutoModel.from_pretrained(llama_folder)
+    write_lavibridge_folder(comfy_models_dir / "lavi_bridge" / "llama2_unet", llama, "llama", adapter_in=llama.config.hidden_size, seed=1)
     save_file(
         {f"{SECOND_LORA_KEY}.lora_up.weight": torch.randn(320, 4) * 0.01,
          f"{SECOND_LORA_KEY}.lora_down.weight": torch.randn(4, 768) * 0.01,
@@ -33,8 +36,9 @@ def lavibridge_models(comfy_models_dir: Path) -> Path:
     return comfy_models_dir
 
 
-def test_shipped_lavibridge_workflow_samples_with_ksampler(lavibridge_models, comfy_server: ComfyServer):
-    entry = comfy_server.run(shipped_workflow_prompt("lavibridge_t5_sd15.json", comfy_server))
+@pytest.mark.parametrize("workflow", ["lavibridge_t5_sd15.json", "lavibridge_llama2_sd15.json"])
+def test_shipped_lavibridge_workflow_samples_with_ksampler(workflow, lavibridge_models, comfy_server: ComfyServer):
+    entry = comfy_server.run(shipped_workflow_prompt(workflow, comfy_server))
     assert entry["status"]["status_str"] == "success"
     assert len(comfy_server.output_files(entry)) == 1
 
