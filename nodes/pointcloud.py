@@ -29,12 +29,20 @@ POINT_ENCODER_EXTENSIONS = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 def _input_point_clouds() -> list[str]:
+    """Point-cloud files in ComfyUI's input folder and its 3d/ subfolder (where core's 3D uploads go).
+
+    Two fixed folders, not a recursive walk: the schema is rebuilt on every /object_info request and
+    input folders can hold thousands of files."""
     root = folder_paths.get_input_directory()
     found = []
-    for directory, _, files in os.walk(root):
-        for name in files:
-            if name.lower().endswith(SUFFIXES):
-                found.append(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"))
+    for sub in ("", "3d"):
+        folder = os.path.join(root, sub)
+        if os.path.isdir(folder):
+            found += [
+                f"{sub}/{entry.name}" if sub else entry.name
+                for entry in os.scandir(folder)
+                if entry.is_file() and entry.name.lower().endswith(SUFFIXES)
+            ]
     return sorted(found)
 
 

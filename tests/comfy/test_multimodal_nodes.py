@@ -64,7 +64,10 @@ def test_point_cloud_loader_and_encoder(pack, comfy, sound_files, tmp_path):
     folder_paths.set_input_directory(str(tmp_path))
     mesh = trimesh.creation.icosphere(subdivisions=2)
     mesh.export(tmp_path / "ball.obj")
-    assert "ball.obj" in pack.X2IPointCloudLoader.define_schema().inputs[0].options
+    (tmp_path / "3d").mkdir()
+    mesh.export(tmp_path / "3d" / "uploaded.stl")
+    (tmp_path / "photo.png").write_bytes(b"")
+    assert pack.X2IPointCloudLoader.define_schema().inputs[0].options == ["3d/uploaded.stl", "ball.obj"]
     output = pack.X2IPointCloudLoader.execute("ball.obj", 4096, "y")
     cloud, preview = output.result
     assert cloud.points.shape == (4096, 3) and preview.shape == (1, 512, 512, 3)
