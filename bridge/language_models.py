@@ -9,7 +9,8 @@ Three released recipes (``test/t5_unet.py``, ``test/llama2_unet.py``, ``test/t5_
   state after the final RMSNorm (``hidden_states[-1]`` of the CausalLM == ``last_hidden_state`` of
   the base model); run in float16, cast to float32 before the adapter.
 - ``t5_transformer``: T5-Large encoder, 120 tokens, attention mask given to T5 **and** returned
-  for PixArt's cross-attention.
+  for PixArt's cross-attention; :func:`encode_prompt_for_bridge` keeps only the tokens that mask
+  lets cross-attention see, which is the same attention without a mask.
 
 Models are loaded with :func:`..encoders.text.load_text_encoder`; the functions here take an already
 loaded transformers model and tokenizer and never mutate the tokenizer.
@@ -177,6 +178,34 @@ def encode_for_bridge(
         model = model.get_encoder()
     features = model(input_ids=ids, attention_mask=mask if config.use_attention_mask else None).last_hidden_state
     return features.float(), (mask if config.use_attention_mask else None)
+
+
+def attended_tokens(features: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Each prompt's features ``[1, T_i, H]`` restricted to the positions its attention mask keeps.
+
+    Cross-attention with a key padding mask gives every masked key zero weight, so attending over
+    the kept tokens only is the same attention (PixArt's official call masks the padded keys of
+    its 120 tokens). ComfyUI's conditioning carries no mask, so this is how the PixArt recipe's
+    features reach its cross-attention. Without a mask (the U-Net recipes) every position is kept.
+    """
+    if mask is None:
+        return [row.unsqueeze(0) for row in features]
+    if mask.shape != features.shape[:2]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match features {tuple(features.shape)}")
+    keep = mask.to(device=features.device).bool()
+    return [row[kept].unsqueeze(0) for row, kept in zip(features, keep, strict=True)]
+
+
+def encode_prompt_for_bridge(
+    recipe: LaViBridgeRecipe | str, model: nn.Module, tokenizer, text: str, add_prompt_suffix: bool = False
+) -> torch.Tensor:
+    """One prompt's features as the bridged diffusion model attends to them: float32 ``[1, T, H]``.
+
+    The official features of :func:`encode_for_bridge`; for the PixArt recipe only the prompt's
+    real tokens (see :func:`attended_tokens`), for the U-Net recipes all 77 positions.
+    """
+    features, mask = encode_for_bridge(recipe, model, tokenizer, [text], add_prompt_suffix=add_prompt_suffix)
+    return attended_tokens(features, mask)[0]
 
 
 def load_language_model(

@@ -23,7 +23,7 @@ from ..bridge import (
     RELEASED_ADAPTERS,
     LaViBridgeRecipe,
     check_widths,
-    encode_for_bridge,
+    encode_prompt_for_bridge,
     load_adapter,
     map_lora_pairs,
     pixart_lora_targets,
@@ -192,11 +192,7 @@ class X2ILaViBridgeTextEncode(io.ComfyNode):
         mm.throw_exception_if_processing_interrupted()
         mm.load_models_gpu([bridge.language_model, bridge.adapter])
         lm: HFTextEncoder = bridge.language_model.model
-        features, mask = encode_for_bridge(bridge.recipe, lm, lm.tokenizer, [text], add_prompt_suffix=quality_suffix)
-        if mask is not None:
-            # PixArt's official call masks padded keys in cross-attention; dropping them is the same
-            # attention, and is how ComfyUI feeds PixArt (no mask input on its conditioning).
-            features = features[:, mask[0].bool().to(features.device)]
+        features = encode_prompt_for_bridge(bridge.recipe, lm, lm.tokenizer, text, add_prompt_suffix=quality_suffix)
         adapter = bridge.adapter.model
         param = next(adapter.parameters())
         with torch.inference_mode():

@@ -16,7 +16,9 @@ from x2i.bridge.errors import LaViBridgeFileError
 from x2i.bridge.language_models import (
     OFFICIAL_PROMPT_SUFFIX,
     LaViBridgeRecipe,
+    attended_tokens,
     encode_for_bridge,
+    encode_prompt_for_bridge,
     load_language_model,
     text_config,
     tokenize_for_bridge,
@@ -104,6 +106,49 @@ def test_t5_pixart_matches_official_and_returns_the_mask(tiny_t5):
     assert mask[1].sum() == 1  # "" is just </s>
     assert mask[3].sum() == 120
     torch.testing.assert_close(features, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_pixart_prompt_features_are_the_real_tokens_only(tiny_t5):
+    encoder = load_language_model(tiny_t5, "t5_transformer")
+    features, mask = encode_for_bridge("t5_transformer", encoder, encoder.tokenizer, PROMPTS)
+    kept = attended_tokens(features, mask)
+    assert [k.shape[1] for k in kept] == mask.sum(1).tolist()
+    for i, text in enumerate(PROMPTS):
+        single = encode_prompt_for_bridge("t5_transformer", encoder, encoder.tokenizer, text)
+        torch.testing.assert_close(single, features[i : i + 1, : int(mask[i].sum())], atol=1e-6, rtol=1e-5)
+    # U-Net recipes have no mask: every one of the 77 positions is kept.
+    assert encode_prompt_for_bridge("t5_unet", encoder, encoder.tokenizer, PROMPTS[0]).shape == (1, 77, 48)
+
+
+def test_cross_attention_with_the_mask_equals_attention_over_the_kept_tokens(tiny_t5):
+    # PixArt's official call attends over all 120 tokens with padded keys masked; ComfyUI's
+    # conditioning has no mask, so the bridge hands over only the kept tokens. Same attention.
+    import torch.nn.functional as F
+
+    encoder = load_language_model(tiny_t5, "t5_transformer")
+    features, mask = encode_for_bridge("t5_transformer", encoder, encoder.tokenizer, PROMPTS)
+    g = torch.Generator().manual_seed(0)
+    heads, head_dim, queries = 4, 16, 9
+    to_k = torch.randn(48, heads * head_dim, generator=g) / 7
+    to_v = torch.randn(48, heads * head_dim, generator=g) / 7
+    query = torch.randn(len(PROMPTS), heads, queries, head_dim, generator=g)
+
+    def split(x):  # [B, T, heads * d] -> [B, heads, T, d]
+        return x.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+
+    keys, values = split(features @ to_k), split(features @ to_v)
+    masked = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask.bool()[:, None, None, :])
+    unmasked = F.scaled_dot_product_attention(query, keys, values)
+    for i, tokens in enumerate(attended_tokens(features, mask)):
+        kept = F.scaled_dot_product_attention(query[i : i + 1], split(tokens @ to_k), split(tokens @ to_v))
+        torch.testing.assert_close(kept, masked[i : i + 1], atol=1e-5, rtol=1e-5)
+        if mask[i].sum() < 120:  # the padding would change the result if it were kept unmasked
+            assert not torch.allclose(kept, unmasked[i : i + 1], atol=1e-3)
+
+
+def test_attended_tokens_checks_the_mask_shape():
+    with pytest.raises(ValueError, match=r"mask \(1, 77\) does not match features \(1, 120, 8\)"):
+        attended_tokens(torch.zeros(1, 120, 8), torch.ones(1, 77))
 
 
 # ---- Llama -> U-Net ----
