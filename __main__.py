@@ -1,6 +1,7 @@
 """ComfyUI-X2I's command line, run on the pack's folder (no ComfyUI needed):
 
     python path/to/ComfyUI-X2I convert-gluenet gluenet_French_clip_overnorm_over3_noln.ckpt gluenet_fr.safetensors
+    python path/to/ComfyUI-X2I train gluenet --config my_gluenet.toml     (train --help for more)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 # command -> module with a main(argv) -> int
-COMMANDS = {"convert-gluenet": "x2i.gluenet.convert"}
+COMMANDS = {"convert-gluenet": "x2i.gluenet.convert", "train": "x2i.training.cli"}
 
 
 def _import_pack() -> None:

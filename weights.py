@@ -74,6 +74,15 @@ def state_dict_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str
     return details or None
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]) -> None:
     """Write ``tensors`` to ``path`` as safetensors with ``metadata``: temp file, then rename."""
     path = Path(path)
@@ -82,6 +91,10 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        # Flushed before the rename, so a crash leaves either the old file or the complete new one.
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file should be as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

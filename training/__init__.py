@@ -1,0 +1,22 @@
+"""The pack's trainers: GlueNets and LaVi-Bridges from one machine to many GPUs.
+
+    python path/to/ComfyUI-X2I train gluenet --config my_gluenet.toml
+    torchrun --nproc_per_node 8 path/to/ComfyUI-X2I train bridge --config my_bridge.toml
+
+Everything here runs without ComfyUI; what it writes loads in the pack's nodes.
+"""
+
+from .config import ConfigError, load_config, section
+from .runtime import Distributed, RunSettings, TrainingError, TrainingTask, TrainResult, train
+
+__all__ = [
+    "ConfigError",
+    "Distributed",
+    "RunSettings",
+    "TrainResult",
+    "TrainingError",
+    "TrainingTask",
+    "load_config",
+    "section",
+    "train",
+]
