@@ -34,8 +34,9 @@ def test_runtime_requirements_do_not_pin_torch_but_tests_do():
     runtime = (ROOT / "requirements.txt").read_text().splitlines()
     assert not [line for line in runtime if re.match(r"\s*(torch|torchaudio|torchvision)\b", line)]
     test = (ROOT / "requirements-test.txt").read_text()
-    for pin in ("torch==2.11.0", "torchaudio==2.11.0", "torchvision==0.26.0", "-r requirements.txt"):
+    for pin in ("torch==2.11.0", "torchaudio==2.11.0", "torchvision==0.26.0", "-r requirements-train.txt"):
         assert pin in test
+    assert "-r requirements.txt" in (ROOT / "requirements-train.txt").read_text()
 
 
 def test_pyproject_follows_registry_rules():
@@ -44,14 +45,18 @@ def test_pyproject_follows_registry_rules():
     assert "comfyui" not in name.lower() and name[0].isalpha()
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["project"]["version"])
     assert {"PublisherId", "DisplayName", "Icon"} <= set(project["tool"]["comfy"])
-    runtime = {re.split(r"[<>=!~ ]", line)[0] for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
-    declared = {re.split(r"[<>=!~ ]", dep)[0] for dep in project["project"]["dependencies"]}
-    assert runtime == declared
+    def names(lines):
+        return {re.split(r"[<>=!~ ;]", line)[0] for line in lines if line and not line.startswith(("#", "-r"))}
+
+    assert names((ROOT / "requirements.txt").read_text().splitlines()) == names(project["project"]["dependencies"])
+    train = names((ROOT / "requirements-train.txt").read_text().splitlines())
+    assert train == names(project["project"]["optional-dependencies"]["train"])
+    assert not [line for line in (ROOT / "requirements-train.txt").read_text().splitlines() if re.match(r"\s*torch", line)]
 
 
 def test_model_code_imports_without_comfyui():
     code = (
-        "import sys; sys.path.insert(0, 'tests'); import x2i_testing; import x2i.gluenet, x2i.encoders, x2i.bridge, x2i.weights; "
+        "import sys; sys.path.insert(0, 'tests'); import x2i_testing; import x2i.gluenet, x2i.encoders, x2i.bridge, x2i.weights, x2i.training.cli; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
