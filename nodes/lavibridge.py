@@ -7,10 +7,12 @@ language-model LoRA is patched onto a clone of the language model the same way.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import comfy.latent_formats
 import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -41,9 +43,12 @@ from .common import (
     to_conditioning,
 )
 
+logger = logging.getLogger(__name__)
+
 LAVI_BRIDGE_FOLDER = "lavi_bridge"
 BridgeType = io.Custom("X2I_BRIDGE")
 PIXART_CONTEXT_DIM = 4096  # T5-XXL width that PixArt's frozen caption projection expects
+PIXART_ALPHA_CAPTION_TOKENS = 120  # PixArt-α's y_embedding length (PixArt-Σ: 300)
 QUALITY_SUFFIX_TOOLTIP = "Append the official ', best quality, extremely detailed, 4k resolution' to the prompt."
 
 
@@ -110,6 +115,19 @@ def _vision_side(model, recipe: LaViBridgeRecipe) -> tuple[list, dict, int]:
     return unet_lora_targets(SD1_UNET), key_map, SD1_UNET.cross_attention_dim
 
 
+def _pixart_alpha_latents(model) -> None:
+    """Give a PixArt-α MODEL that ComfyUI took for PixArt-Σ its SD latent scale again, on the clone.
+
+    ComfyUI 0.3.64 tells α from Σ by the micro-condition embedder, which PixArt-XL-2-512x512 (the
+    model t5_transformer was trained on) lacks, so it gets Σ's SDXL latent scale (0.13025 instead
+    of 0.18215). Its 120-token caption embedding (Σ has 300) says it is α.
+    """
+    unet_config = model.model.model_config.unet_config
+    if unet_config.get("image_model") == "pixart_sigma" and unet_config.get("model_max_length") == PIXART_ALPHA_CAPTION_TOKENS:
+        model.add_object_patch("latent_format", comfy.latent_formats.SD15())
+        logger.info("LaVi-Bridge: PixArt-α checkpoint (120 caption tokens) loaded as PixArt-Σ; using the SD latent scale it was trained with")
+
+
 def _patched(patcher, mapped: dict, key_map: dict[str, str], strength: float):
     missing = sorted(set(mapped) - set(key_map))
     if missing:
@@ -160,6 +178,8 @@ class X2ILaViBridgeLoader(io.ComfyNode):
         check_widths(adapter, lm.hidden_size, context_dim)
         vision_pairs = map_lora_pairs(read_lora_pairs(folder / "lora_vis.pt"), targets, f"{bridge_name}/lora_vis.pt")
         bridged_model = _patched(model, vision_pairs, key_map, unet_strength)
+        if recipe == LaViBridgeRecipe.T5_TRANSFORMER:
+            _pixart_alpha_latents(bridged_model)
         family = "llama" if recipe == LaViBridgeRecipe.LLAMA2_UNET else "t5"
         text_pairs = map_lora_pairs(
             read_lora_pairs(folder / "lora_text.pt"), text_lora_targets(lm.transformer, family), f"{bridge_name}/lora_text.pt"

@@ -402,3 +402,80 @@ def make_llama_folder(folder: Path, hidden: int = 32, seed: int = 0, add_bos_tok
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def pixart_xl2_512_layout(depth: int = 28) -> dict[str, list[int]]:
+    """Key names and shapes of the released PixArt-XL-2-512x512 transformer (PixArt-α, no
+    micro-conditions, 120 caption tokens of T5-XXL width 4096, 32x32 patches at 512 px), with
+    ``depth`` blocks instead of 28."""
+    hidden, mlp, tokens, text = 1152, 4608, 120, 4096
+    layout = {
+        "pos_embed": [1, 1024, hidden],
+        "x_embedder.proj.weight": [hidden, 4, 2, 2], "x_embedder.proj.bias": [hidden],
+        "t_embedder.mlp.0.weight": [hidden, 256], "t_embedder.mlp.0.bias": [hidden],
+        "t_embedder.mlp.2.weight": [hidden, hidden], "t_embedder.mlp.2.bias": [hidden],
+        "t_block.1.weight": [6 * hidden, hidden], "t_block.1.bias": [6 * hidden],
+        "y_embedder.y_embedding": [tokens, text],
+        "y_embedder.y_proj.fc1.weight": [hidden, text], "y_embedder.y_proj.fc1.bias": [hidden],
+        "y_embedder.y_proj.fc2.weight": [hidden, hidden], "y_embedder.y_proj.fc2.bias": [hidden],
+        "final_layer.scale_shift_table": [2, hidden],
+        "final_layer.linear.weight": [2 * 2 * 8, hidden], "final_layer.linear.bias": [2 * 2 * 8],  # learn_sigma: 8 channels
+    }
+    for i in range(depth):
+        block = f"blocks.{i}."
+        layout |= {
+            block + "scale_shift_table": [6, hidden],
+            block + "attn.qkv.weight": [3 * hidden, hidden], block + "attn.qkv.bias": [3 * hidden],
+            block + "attn.proj.weight": [hidden, hidden], block + "attn.proj.bias": [hidden],
+            block + "cross_attn.q_linear.weight": [hidden, hidden], block + "cross_attn.q_linear.bias": [hidden],
+            block + "cross_attn.kv_linear.weight": [2 * hidden, hidden], block + "cross_attn.kv_linear.bias": [2 * hidden],
+            block + "cross_attn.proj.weight": [hidden, hidden], block + "cross_attn.proj.bias": [hidden],
+            block + "mlp.fc1.weight": [mlp, hidden], block + "mlp.fc1.bias": [mlp],
+            block + "mlp.fc2.weight": [hidden, mlp], block + "mlp.fc2.bias": [hidden],
+        }
+    return layout
+
+
+def write_pixart_checkpoint(path: Path, depth: int = 2, seed: int = 0) -> Path:
+    """A random-weight fp16 safetensors file in the released PixArt-XL-2-512x512 layout (bare keys,
+    as the converted single files that ComfyUI's "Load Diffusion Model" reads), ``depth`` blocks."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in pixart_xl2_512_layout(depth).items():
+        value = torch.zeros(shape) if key.endswith(".bias") else torch.randn(shape, generator=g) * 0.02
+        tensors[key] = value.half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def write_pixart_lora_vis(folder: Path, depth: int, seed: int = 0, rank: int = 32) -> Path:
+    """Replace ``<folder>/lora_vis.pt`` by a released-format PixArt LoRA list for ``depth`` blocks
+    (for a reduced-depth PixArt test model; :func:`write_lavibridge_folder` writes 28)."""
+    import x2i.bridge as bridge
+
+    g = torch.Generator().manual_seed(seed)
+    flat: list[torch.Tensor] = []
+    for target in bridge.pixart_lora_targets(depth):
+        up_shape, down_shape = target.pair_shapes(rank)
+        flat += [(torch.randn(up_shape, generator=g) * 0.02).half(), (torch.randn(down_shape, generator=g) * 0.02).half()]
+    torch.save(flat, folder / "lora_vis.pt")
+    return folder / "lora_vis.pt"
+
+
+def write_vae_from_checkpoint(checkpoint: Path, target: Path) -> Path:
+    """The ``first_stage_model.*`` part of an SD single-file checkpoint as a standalone VAE file (the
+    layout of ``vae-ft-ema-560000-ema-pruned.safetensors``)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prefix = "first_stage_model."
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        tensors = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+    if not tensors:
+        raise ValueError(f"{checkpoint} has no {prefix}* keys")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target))
+    return target

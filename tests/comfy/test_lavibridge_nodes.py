@@ -192,3 +192,35 @@ def test_pixart_bridge_lands_on_fused_qkv_and_drops_padding(pack, comfy, pixart_
         pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_transformer", 1.0, 1.0)
     with pytest.raises(ValueError, match="t5_unet is for SD1.x U-Nets"):
         pack.X2ILaViBridgeLoader.execute(pixart_model, lm, "t5_unet", 1.0, 1.0)
+
+
+def test_released_pixart_512_layout_loads_bridges_and_gets_its_sd_latent_scale(pack, comfy, bridge_files, tiny_t5, tmp_path):
+    # PixArt-XL-2-512x512 (the model t5_transformer was trained on) as "Load Diffusion Model" reads it;
+    # ComfyUI counts its blocks from the keys, and takes it for PixArt-Σ (no micro-condition embedder).
+    import comfy.model_management as mm
+    from comfy import latent_formats, sd
+
+    from x2i_testing import write_pixart_checkpoint, write_pixart_lora_vis
+
+    model = sd.load_diffusion_model(str(write_pixart_checkpoint(tmp_path / "PixArt-XL-2-512x512.safetensors", depth=2)))
+    config = model.model.model_config.unet_config
+    assert (config["image_model"], config["depth"], config["model_max_length"], config["input_size"]) == ("pixart_sigma", 2, 120, 64)
+    assert isinstance(model.get_model_object("latent_format"), latent_formats.SDXL)
+    t5 = T5EncoderModel.from_pretrained(tiny_t5)
+    folder = write_lavibridge_folder(comfy["models"] / "lavi_bridge" / "t5_transformer", t5, "t5", adapter_in=t5.config.d_model,
+                                     seed=7, pixart=True)
+    lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
+    with pytest.raises(ValueError, match="lora_vis.pt"):  # 28 blocks of LoRA for a 2-block model
+        pack.X2ILaViBridgeLoader.execute(model, lm, "t5_transformer", 1.0, 1.0)
+    write_pixart_lora_vis(folder, depth=2, seed=7)
+    try:
+        bridged, _ = pack.X2ILaViBridgeLoader.execute(model, lm, "t5_transformer", 1.0, 1.0).result
+    finally:
+        write_lavibridge_folder(folder, t5, "t5", adapter_in=t5.config.d_model, seed=7, pixart=True)
+    assert len(bridged.patches) == 5 * 2
+    assert isinstance(bridged.get_model_object("latent_format"), latent_formats.SD15)
+    assert isinstance(model.get_model_object("latent_format"), latent_formats.SDXL)  # the input MODEL is untouched
+    mm.load_models_gpu([bridged])  # what KSampler's process_latent_in then sees
+    assert isinstance(bridged.model.latent_format, latent_formats.SD15)
+    mm.unload_all_models()
+    assert isinstance(model.model.latent_format, latent_formats.SDXL)
