@@ -1,5 +1,9 @@
-"""The shipped LaVi-Bridge workflow in a real ComfyUI server (released-format bridge files, random
-weights), sampled by KSampler, then with a second ordinary LoRA stacked on the bridged MODEL."""
+"""The shipped LaVi-Bridge workflows in a real ComfyUI server (released-format bridge files, random
+weights), sampled by KSampler, then with a second ordinary LoRA stacked on the bridged MODEL.
+
+The PixArt workflow runs on a 2-block PixArt-XL-2-512x512 (the released key layout; ComfyUI counts
+the blocks from the keys, and the bridge's LoRA list is written for 2 blocks) so a CPU samples it
+in seconds, with the SD VAE taken from the SD1.5 test checkpoint."""
 
 from __future__ import annotations
 
@@ -11,11 +15,22 @@ from comfy_harness import ComfyServer, shipped_workflow_prompt
 from safetensors.torch import save_file
 from transformers import AutoModel, T5EncoderModel
 
-from x2i_testing import make_llama_folder, make_t5_encoder_folder, write_lavibridge_folder
+from x2i_testing import (
+    make_llama_folder,
+    make_t5_encoder_folder,
+    write_lavibridge_folder,
+    write_pixart_checkpoint,
+    write_pixart_lora_vis,
+    write_vae_from_checkpoint,
+)
 
 SECOND_LORA = "second_lora.safetensors"
 # A kohya-style LoRA on one cross-attention layer, named the way ComfyUI maps SD1.x LoRAs.
 SECOND_LORA_KEY = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+PIXART_TEST_DEPTH = 2
+# ComfyUI's PixArt derives its position-embedding base size from round(latent side / 64): at least
+# 33 latent pixels, or it divides by zero. 320 px is the smallest round size above that.
+PIXART_TEST_SIZE = 320
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +51,18 @@ def lavibridge_models(comfy_models_dir: Path) -> Path:
     return comfy_models_dir
 
 
+@pytest.fixture(scope="session")
+def pixart_models(lavibridge_models: Path, sd15_checkpoint: Path) -> Path:
+    """The files lavibridge_t5_pixart.json names: the PixArt transformer, the SD VAE, the t5_transformer bridge."""
+    write_pixart_checkpoint(lavibridge_models / "diffusion_models" / "PixArt-XL-2-512x512.safetensors", depth=PIXART_TEST_DEPTH)
+    write_vae_from_checkpoint(sd15_checkpoint, lavibridge_models / "vae" / "vae-ft-ema-560000-ema-pruned.safetensors")
+    t5 = T5EncoderModel.from_pretrained(lavibridge_models / "text_encoders" / "t5-large")
+    folder = write_lavibridge_folder(lavibridge_models / "lavi_bridge" / "t5_transformer", t5, "t5", adapter_in=t5.config.d_model,
+                                     seed=2, pixart=True)
+    write_pixart_lora_vis(folder, depth=PIXART_TEST_DEPTH, seed=2)
+    return lavibridge_models
+
+
 @pytest.mark.parametrize("workflow", ["lavibridge_t5_sd15.json", "lavibridge_llama2_sd15.json"])
 def test_shipped_lavibridge_workflow_samples_with_ksampler(workflow, lavibridge_models, comfy_server: ComfyServer):
     entry = comfy_server.run(shipped_workflow_prompt(workflow, comfy_server))
@@ -53,3 +80,14 @@ def test_a_second_lora_stacks_on_the_bridged_model(lavibridge_models, comfy_serv
     assert entry["status"]["status_str"] == "success"
     assert len(comfy_server.output_files(entry)) == 1
     assert "lora key not loaded" not in comfy_server.log_tail(400_000)
+
+
+def test_shipped_pixart_workflow_samples_with_ksampler(pixart_models, comfy_server: ComfyServer):
+    prompt = shipped_workflow_prompt("lavibridge_t5_pixart.json", comfy_server, size=PIXART_TEST_SIZE)
+    assert {n["class_type"] for n in prompt.values()} >= {"UNETLoader", "VAELoader", "X2ILaViBridgeLoader", "KSampler"}
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success"
+    assert len(comfy_server.output_files(entry)) == 1
+    log = comfy_server.log_tail(400_000)
+    assert "loaded as PixArt-Σ; using the SD latent scale" in log
+    assert "lora key not loaded" not in log

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from comfy_harness import ComfyServer
+from comfy_harness import WORKFLOWS_DIR, ComfyServer
 from ui_workflow import UnsupportedWorkflowError, ui_to_api
 
 KSAMPLER_WIDGETS = [7, "randomize", 3, 6.5, "euler", "karras", 0.8]
@@ -88,3 +89,18 @@ def test_unknown_node_type_is_an_error(object_info: dict[str, Any]) -> None:
 
     with pytest.raises(UnsupportedWorkflowError, match="NoSuchNodeAnywhere"):
         ui_to_api(ui, object_info)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS_DIR.glob("*.json")))
+def test_every_shipped_workflow_converts_with_all_required_inputs(name: str, object_info: dict[str, Any]) -> None:
+    ui = json.loads((WORKFLOWS_DIR / name).read_text(encoding="utf-8"))
+
+    prompt = ui_to_api(ui, object_info)
+
+    assert prompt, name
+    for node_id, node in prompt.items():
+        required = object_info[node["class_type"]]["input"].get("required", {})
+        assert set(required) <= set(node["inputs"]), (name, node_id, set(required) - set(node["inputs"]))
+        for value in node["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
+                assert value[0] in prompt, (name, node_id, value)
