@@ -1,0 +1,401 @@
+"""Frozen encoders run once: their features go to safetensors shards on disk, and every epoch reads them.
+
+A cache is one folder (``<cache dir>/<name>/``) of ``shard-NNNNN.safetensors`` files (``features``
+``[n, ...]`` and ``valid`` ``[n]``) and an ``index.json`` written last. Its *fingerprint* names what
+the features depend on: the encoder (path plus size and modification time of every weight file, or
+their sha256 with ``cache.verify = "sha256"``), the data (sha256 of the listing, in order), the
+encoder settings, the storage dtype and a format version. An index with the same fingerprint is
+reused; any difference is logged by name and the cache is rebuilt.
+
+Building is shared by the ranks of a distributed run: shard ``k`` is encoded and written by rank
+``k % world_size`` (distinct files, each written atomically), then rank 0 checks every shard and writes
+the index while the others wait at a barrier. A build that was interrupted resumes: shards that
+already carry the fingerprint are kept.
+
+Items the encoder cannot read (a broken sound file, a cloud with too few points) are stored as zeros
+with ``valid = 0``, counted by reason, and their first few reasons logged; training never sees them.
+
+Reading is memory-mapped (``safetensors.safe_open``): a sample costs one slice of one shard, so
+caches far larger than memory train at disk speed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+from ..weights import save_safetensors_atomic
+from .gluenet_data import AudioClip
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "x2i.feature_cache/1"
+INDEX_FILE = "index.json"
+SHARD_BYTES = 256 * 2**20  # ~256 MiB of features per shard when shard_size is 0 (auto)
+LOG_EVERY_S = 15.0
+LOGGED_EXAMPLES = 5
+STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# encode(items) -> (features [n, *item_shape] float32 on any device, per-item error or None)
+EncodeFn = Callable[[Sequence[Any]], tuple[torch.Tensor, list[str | None]]]
+
+
+class FeatureCacheError(RuntimeError):
+    """A cache that cannot be built or read (disk, permissions, corrupt shards)."""
+
+
+class Ranks(Protocol):
+    """What the cache needs of the runtime's ``Distributed``."""
+
+    rank: int
+    world_size: int
+    is_main: bool
+
+    def barrier(self) -> None: ...
+
+
+class SingleProcess:
+    """:class:`Ranks` for one process (tools and tests that run without the runtime)."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def barrier(self) -> None:
+        pass
+
+
+@dataclass
+class CacheSettings:
+    """The ``[cache]`` section."""
+
+    dir: str = ""  # default: <output_dir>/feature_cache
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # storage: fp16 halves the disk and read traffic
+    shard_size: int = 0  # items per shard; 0: about 256 MiB per shard
+    encode_batch_size: int = 32  # items per encoder call while building
+    verify: Literal["stat", "sha256"] = "stat"  # how encoder files are identified: size+mtime, or content
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 0 or self.encode_batch_size < 1:
+            raise ValueError("cache.shard_size must be >= 0 and cache.encode_batch_size >= 1")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_path(path: str | os.PathLike[str] | None, verify: str = "stat") -> dict[str, Any] | None:
+    """What identifies a weight file or model folder: its path and, per file, size and mtime (or sha256)."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    entries = []
+    for file in files:
+        stat = file.stat()
+        entry: dict[str, Any] = {"name": file.relative_to(path).as_posix() if file != path else file.name, "size": stat.st_size}
+        if verify == "sha256":
+            entry["sha256"] = _sha256_file(file)
+        else:
+            entry["mtime_ns"] = stat.st_mtime_ns
+        entries.append(entry)
+    return {"path": str(path), "files": entries}
+
+
+def fingerprint_key(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Names of the fingerprint fields that changed (for the 'rebuilding because' log line)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if old == new else [prefix or "value"]
+
+
+class FeatureCache:
+    """One cache folder: its state, how to build it, how to read it."""
+
+    def __init__(self, root: Path, name: str, fingerprint: dict[str, Any], num_items: int, dtype: str = "fp32",
+                 shard_size: int = 0) -> None:
+        self.folder = Path(root) / name
+        self.name = name
+        self.num_items = int(num_items)
+        self.dtype = dtype
+        self.torch_dtype = STORE_DTYPES[dtype]
+        self.shard_size_setting = int(shard_size)
+        # The item shape follows from the encoder (fingerprinted), so it is not part of the key: the
+        # key must be known before any encoder is loaded, to reuse a cache without loading one.
+        self.fingerprint = {
+            **fingerprint, "cache_format": CACHE_FORMAT, "num_items": self.num_items, "dtype": dtype,
+            "shard_size": self.shard_size_setting,
+        }
+        self.key = fingerprint_key(self.fingerprint)
+
+    def shard_size_for(self, item_shape: Sequence[int]) -> int:
+        if self.shard_size_setting:
+            return self.shard_size_setting
+        item_bytes = max(1, math.prod(item_shape)) * self.torch_dtype.itemsize
+        return max(1, min(1 << 16, SHARD_BYTES // item_bytes))
+
+    def shard_path(self, k: int) -> Path:
+        return self.folder / f"shard-{k:05d}.safetensors"
+
+    def _read_index(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.folder / INDEX_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _key_of(path: Path) -> str | None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return (handle.metadata() or {}).get("cache_key")
+        except Exception:
+            return None
+
+    def state(self) -> str:
+        """``complete``, ``missing``, ``partial (k shards)``, ``broken (...)`` or ``stale (<changed fields>)``."""
+        index = self._read_index()
+        if index is not None and index.get("key") == self.key:
+            if all(self.shard_path(k).is_file() for k in range(int(index["num_shards"]))):
+                return "complete"
+            return "broken (shards missing)"
+        done = sum(1 for path in self.folder.glob("shard-*.safetensors") if self._key_of(path) == self.key)
+        if done:
+            return f"partial ({done} shard(s) done)"
+        if index is not None:
+            changed = _differences(index.get("fingerprint", {}), self.fingerprint)
+            return f"stale ({', '.join(changed[:6]) or 'format'} changed)"
+        return "missing"
+
+    def build(self, items: Sequence[Any], encode: EncodeFn, item_shape: Sequence[int], ranks: Ranks | None = None,
+              batch_size: int = 32, state: str | None = None) -> None:
+        """Encode ``items`` into the cache unless it is complete; every rank must call this.
+
+        ``state``: :meth:`state` as this rank read it before any rank started building (after the
+        caller's barrier); read here, followed by a barrier, if not given.
+        """
+        ranks = ranks or SingleProcess()
+        if len(items) != self.num_items:
+            raise FeatureCacheError(f"{self.name}: {len(items)} items given for a cache of {self.num_items}")
+        if state is None:
+            state = self.state()
+            ranks.barrier()  # every rank has read the state before rank 0 may change the folder
+        if state == "complete":
+            logger.info("feature cache %s: reused (%s, %d items)", self.name, self.folder, self.num_items)
+            return
+        self.item_shape = tuple(int(s) for s in item_shape)
+        self.shard_size = self.shard_size_for(self.item_shape)
+        self.num_shards = max(1, math.ceil(self.num_items / self.shard_size))
+        if ranks.is_main:
+            logger.info("feature cache %s: %s -> building %d items in %d shard(s) at %s", self.name, state,
+                        self.num_items, self.num_shards, self.folder)
+        try:
+            if ranks.is_main:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                (self.folder / INDEX_FILE).unlink(missing_ok=True)  # never a valid-looking index over a half rebuild
+            ranks.barrier()
+            mine = [k for k in range(self.num_shards) if k % ranks.world_size == ranks.rank]
+            todo = [k for k in mine if not (self.shard_path(k).is_file() and self._key_of(self.shard_path(k)) == self.key)]
+            progress = _Progress(self.name, sum(self._shard_len(k) for k in mine))
+            progress.advance(sum(self._shard_len(k) for k in mine if k not in todo), resumed=True)
+            for k in todo:
+                self._build_shard(k, items, encode, batch_size, progress)
+        except OSError as exc:
+            raise FeatureCacheError(f"feature cache {self.name}: cannot write {self.folder} ({exc})") from exc
+        ranks.barrier()
+        if ranks.is_main:
+            self._write_index()
+        ranks.barrier()
+
+    def _shard_len(self, k: int) -> int:
+        return min(self.shard_size, self.num_items - k * self.shard_size)
+
+    def _build_shard(self, k: int, items: Sequence[Any], encode: EncodeFn, batch_size: int, progress: _Progress) -> None:
+        start = k * self.shard_size
+        count = self._shard_len(k)
+        features = torch.zeros((count, *self.item_shape), dtype=self.torch_dtype)
+        valid = torch.zeros(count, dtype=torch.uint8)
+        reasons: Counter = Counter()
+        examples: list[str] = []
+        for offset in range(0, count, batch_size):
+            chunk = items[start + offset: start + min(count, offset + batch_size)]
+            encoded, errors = encode(chunk)
+            if tuple(encoded.shape) != (len(chunk), *self.item_shape):
+                raise FeatureCacheError(
+                    f"{self.name}: the encoder gave features of shape {tuple(encoded.shape[1:])}, expected {self.item_shape}"
+                )
+            features[offset: offset + len(chunk)] = encoded.detach().to("cpu", self.torch_dtype)
+            for j, error in enumerate(errors):
+                if error is None:
+                    valid[offset + j] = 1
+                    continue
+                features[offset + j] = 0
+                reason = error.split(":", 1)[0]
+                reasons[reason] += 1
+                if len(examples) < LOGGED_EXAMPLES:
+                    examples.append(f"{_describe_item(chunk[j])}: {error}")
+                progress.failed(_describe_item(chunk[j]), error)
+            progress.advance(len(chunk))
+        metadata = {
+            "format": CACHE_FORMAT, "cache_key": self.key, "shard": str(k), "start": str(start), "count": str(count),
+            "skipped": json.dumps(dict(reasons)), "examples": json.dumps(examples),
+        }
+        save_safetensors_atomic({"features": features, "valid": valid}, self.shard_path(k), metadata)
+
+    def _write_index(self) -> None:
+        from safetensors import safe_open
+
+        reasons: Counter = Counter()
+        examples: list[str] = []
+        num_valid = 0
+        for k in range(self.num_shards):
+            path = self.shard_path(k)
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    meta = handle.metadata() or {}
+                    valid = handle.get_tensor("valid")
+            except Exception as exc:
+                raise FeatureCacheError(f"feature cache {self.name}: shard {path.name} is unreadable ({exc}); delete {self.folder}") from exc
+            if meta.get("cache_key") != self.key or int(meta.get("count", -1)) != self._shard_len(k):
+                raise FeatureCacheError(f"feature cache {self.name}: shard {path.name} belongs to another build; delete {self.folder}")
+            num_valid += int(valid.sum())
+            reasons.update(json.loads(meta.get("skipped", "{}")))
+            examples += json.loads(meta.get("examples", "[]"))
+        for k in range(self.num_shards, self.num_shards + 100_000):  # leftovers of a larger earlier build
+            if not self.shard_path(k).is_file():
+                break
+            self.shard_path(k).unlink()
+        index = {
+            "key": self.key, "fingerprint": self.fingerprint, "num_items": self.num_items, "num_valid": num_valid,
+            "num_shards": self.num_shards, "shard_size": self.shard_size, "item_shape": list(self.item_shape),
+            "skipped": dict(reasons), "examples": examples[:LOGGED_EXAMPLES],
+        }
+        tmp = self.folder / f".{INDEX_FILE}.tmp"
+        tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
+        os.replace(tmp, self.folder / INDEX_FILE)
+        if reasons:
+            logger.warning("feature cache %s: %d of %d items unusable and skipped (%s)", self.name,
+                           self.num_items - num_valid, self.num_items, ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items())))
+        logger.info("feature cache %s: complete, %d items (%d usable)", self.name, self.num_items, num_valid)
+
+    def summary(self) -> dict[str, Any]:
+        """The index's counts (after :meth:`build`)."""
+        index = self._read_index() or {}
+        return {"num_items": index.get("num_items", 0), "num_valid": index.get("num_valid", 0), "skipped": index.get("skipped", {})}
+
+    def open(self) -> ShardedFeatures:
+        index = self._read_index()
+        if self.state() != "complete" or index is None:
+            raise FeatureCacheError(f"feature cache {self.name} at {self.folder} is not complete; build it first")
+        return ShardedFeatures(self.folder, self.num_items, int(index["shard_size"]), int(index["num_shards"]))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _describe_item(item: Any) -> str:
+    if isinstance(item, AudioClip):
+        return str(item.path)
+    text = str(item)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Progress:
+    """Logs items/s and the time left every ``LOG_EVERY_S`` seconds, and the first failures."""
+
+    def __init__(self, name: str, total: int) -> None:
+        self.name, self.total, self.done, self.fresh = name, total, 0, 0
+        self.started = self.last = time.monotonic()
+        self.failures = 0
+
+    def failed(self, item: str, error: str) -> None:
+        self.failures += 1
+        if self.failures <= LOGGED_EXAMPLES:
+            logger.warning("feature cache %s: skipped %s (%s)", self.name, item, error)
+        elif self.failures == LOGGED_EXAMPLES + 1:
+            logger.warning("feature cache %s: further unreadable items are only counted", self.name)
+
+    def advance(self, count: int, resumed: bool = False) -> None:
+        self.done += count
+        self.fresh += 0 if resumed else count
+        now = time.monotonic()
+        if now - self.last >= LOG_EVERY_S or self.done == self.total:
+            rate = self.fresh / max(now - self.started, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else float("nan")
+            logger.info("feature cache %s: %d/%d (%.1f%%), %.1f items/s, %.0f s left", self.name, self.done,
+                        self.total, 100 * self.done / max(self.total, 1), rate, left)
+            self.last = now
+
+
+class ShardedFeatures:
+    """Read-only, memory-mapped view of a complete cache: ``features[i]`` is item ``i``; ``valid`` [N] bool."""
+
+    def __init__(self, folder: Path, num_items: int, shard_size: int, num_shards: int) -> None:
+        self.folder = folder
+        self.num_items = num_items
+        self.shard_size = shard_size
+        self.starts = [k * shard_size for k in range(num_shards)]
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+        from safetensors import safe_open
+
+        valid = []
+        for k in range(num_shards):
+            with safe_open(str(self._path(k)), framework="pt") as handle:
+                valid.append(handle.get_tensor("valid").bool())
+                if k == 0:
+                    self.item_shape = tuple(handle.get_slice("features").get_shape()[1:])
+        self.valid = torch.cat(valid)
+
+    def _path(self, k: int) -> Path:
+        return self.folder / f"shard-{k:05d}.safetensors"
+
+    def _slice(self, k: int):
+        # Handles are per process: DataLoader workers fork, and an mmap handle must not cross that.
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if k not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[k] = safe_open(str(self._path(k)), framework="pt")
+        return self._handles[k].get_slice("features")
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.num_items:
+            raise IndexError(f"feature index {i} out of range ({self.num_items})")
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self._slice(k)[i - self.starts[k]]
+
+    def gather(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self[int(i)] for i in indices]) if len(indices) else torch.empty(0, *self.item_shape)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
