@@ -1,6 +1,7 @@
 """ComfyUI-X2I's command line, run on the pack's folder (no ComfyUI needed):
 
     python path/to/ComfyUI-X2I convert-gluenet gluenet_French_clip_overnorm_over3_noln.ckpt gluenet_fr.safetensors
+    python path/to/ComfyUI-X2I convert-uvit mscoco_uvit_small.pth uvit_small_mscoco.safetensors
     python path/to/ComfyUI-X2I train gluenet --config my_gluenet.toml     (train --help for more)
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 # command -> module with a main(argv) -> int
-COMMANDS = {"convert-gluenet": "x2i.gluenet.convert", "train": "x2i.training.cli"}
+COMMANDS = {"convert-gluenet": "x2i.gluenet.convert", "convert-uvit": "x2i.uvit.convert", "train": "x2i.training.cli"}
 
 
 def _import_pack() -> None:
