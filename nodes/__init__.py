@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .audio import AUDIO_ENCODER_FOLDER, X2IAudioEncoderLoader, X2IGlueGenAudioEncode
+from .block_conditioning import X2IBlockConditioning
 from .common import GLUENET_EXTENSIONS, GLUENET_FOLDER, TEXT_ENCODER_FOLDERS, register_model_folder
 from .fusion import X2ITopKFusion
 from .gluegen import X2IGlueGenTextEncode, X2IGlueNetLoader, X2IGlueNetRouter
@@ -18,6 +19,7 @@ from .pointcloud import (
     X2IPointCloudLoader,
 )
 from .text_encoders import X2ILanguageModelLoader, X2ITextEncoderLoader
+from .uvit import X2IUViTLoader
 
 register_model_folder(GLUENET_FOLDER, GLUENET_EXTENSIONS)
 register_model_folder(POINT_ENCODER_FOLDER, POINT_ENCODER_EXTENSIONS)
@@ -44,4 +46,6 @@ class X2IExtension(ComfyExtension):
             X2ILanguageModelLoader,
             X2ILaViBridgeLoader,
             X2ILaViBridgeTextEncode,
+            X2IUViTLoader,
+            X2IBlockConditioning,
         ]

@@ -24,6 +24,7 @@ def test_node_ids_are_the_public_contract(pack):
         "X2IPointCloudLoader", "X2IPointCloudEncoderLoader", "X2IGlueGenPointCloudEncode",
         "X2ITopKFusion",
         "X2ILanguageModelLoader", "X2ILaViBridgeLoader", "X2ILaViBridgeTextEncode",
+        "X2IUViTLoader", "X2IBlockConditioning",
     ]
 
 

@@ -1,0 +1,247 @@
+"""Block-wise conditioning on an SD1.5-architecture U-Net (ComfyUI's own UNetModel, narrowed to 32
+channels so a CPU runs it): only the chosen blocks' cross-attention sees the other prompt, only for
+the positive half of the CFG batch, and an empty choice is the unpatched model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from x2i.uvit.block_conditioning import (
+    BlockContextPatch,
+    BlockSpecError,
+    format_blocks,
+    parse_blocks,
+    replace_positive_rows,
+)
+
+SD15_BLOCKS = (
+    *(("input", i) for i in (1, 2, 4, 5, 7, 8)), ("middle", 0), *(("output", i) for i in range(3, 12)),
+)
+# SD1.5's U-Net config (comfy/model_detection.py) with 32 instead of 320 channels: same blocks, same
+# attention layout, 768-wide context.
+SD15_NARROW = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def unet(comfy):
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(SD15_NARROW)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # ComfyUI's constructors skip initialisation
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def text(seed: int, tokens: int = 77, width: int = 768) -> torch.Tensor:
+    return torch.randn(1, tokens, width, generator=torch.Generator().manual_seed(seed))
+
+
+def cond(tensor: torch.Tensor) -> list:
+    return [[tensor, {}]]
+
+
+class Capture:
+    """An attn2_patch added after the node's: what each block's cross-attention receives."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[str, int], list[int], torch.Tensor]] = []
+
+    def __call__(self, n, context, value, extra):
+        assert value is context or torch.equal(value, context)
+        self.calls.append(((extra["block"][0], extra["block"][1]), list(extra["cond_or_uncond"]), context.clone()))
+        return n, context, value
+
+    def blocks(self) -> list[tuple[str, int]]:
+        return [block for block, _, _ in self.calls]
+
+
+def sample(model, positive, negative, batch=2, steps=1, cfg=5.0, seed=0):
+    import comfy.sample
+
+    latent = torch.zeros(batch, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond(positive), cond(negative), latent,
+                               disable_pbar=True, seed=seed)
+
+
+def patched(pack, unet, block_text, blocks="middle"):
+    return pack.X2IBlockConditioning.execute(unet, cond(block_text), blocks).result[0]
+
+
+# --- the blocks string ------------------------------------------------------------------------------
+
+
+def test_the_sd15_unet_has_the_blocks_comfyui_names(unet):
+    from x2i.uvit.block_conditioning import cross_attention_blocks, cross_attention_width
+
+    assert cross_attention_blocks(unet.model.diffusion_model) == SD15_BLOCKS
+    assert cross_attention_width(unet.model.diffusion_model) == 768
+    assert format_blocks(SD15_BLOCKS) == ",".join(
+        ["input:1", "input:2", "input:4", "input:5", "input:7", "input:8", "middle", *(f"output:{i}" for i in range(3, 12))]
+    )
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("middle", [("middle", 0)]),
+    ("", []),
+    (" Middle:0 ", [("middle", 0)]),
+    ("input:7,input:8,middle,output:3", [("input", 7), ("input", 8), ("middle", 0), ("output", 3)]),
+    ("output:3-5, input : 8", [("output", 3), ("output", 4), ("output", 5), ("input", 8)]),
+    ("input", [("input", i) for i in (1, 2, 4, 5, 7, 8)]),
+    ("middle,middle", [("middle", 0)]),
+])
+def test_blocks_strings(spec, expected):
+    assert list(parse_blocks(spec, SD15_BLOCKS)) == expected
+    parse_blocks(spec)  # the syntax alone, as validate_inputs checks it
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("output:0", r"output:0 has no cross-attention in this U-Net; blocks with cross-attention: input:1,input:2,"),
+    ("input:0-2", r"input:0 has no cross-attention"),
+    ("mid", r"cannot read block 'mid': write middle, input:N"),
+    ("input:8-7", r"runs backwards"),
+    ("middle:1", r"one middle block"),
+])
+def test_bad_blocks_strings_are_named(spec, message):
+    with pytest.raises(BlockSpecError, match=message):
+        parse_blocks(spec, SD15_BLOCKS)
+
+
+def test_validation_checks_the_syntax_before_the_graph_runs(pack):
+    assert pack.X2IBlockConditioning.validate_inputs(blocks="middle") is True
+    assert pack.X2IBlockConditioning.validate_inputs(blocks="input:7,output:3-11") is True
+    assert "cannot read block 'centre'" in pack.X2IBlockConditioning.validate_inputs(blocks="centre")
+
+
+# --- what each block attends to ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blocks", ["middle", "input:7,input:8,middle,output:3"])
+def test_only_the_chosen_blocks_positive_half_sees_the_block_conditioning(pack, unet, blocks):
+    positive, negative, block_text = text(1), text(2), text(3)
+    model = patched(pack, unet, block_text, blocks)
+    capture = Capture()
+    model.set_model_attn2_patch(capture)
+    sample(model, positive, negative, batch=2)
+    chosen = set(parse_blocks(blocks, SD15_BLOCKS))
+    assert capture.blocks() == list(SD15_BLOCKS)  # one CFG batch holding cond and uncond, every block once
+    for block, flags, context in capture.calls:
+        assert sorted(flags) == [0, 1] and context.shape == (4, 77, 768)
+        for chunk, flag in enumerate(flags):
+            rows = context[2 * chunk : 2 * chunk + 2]
+            expected = negative if flag == 1 else block_text if block in chosen else positive
+            torch.testing.assert_close(rows, expected.expand(2, -1, -1), msg=f"{block} chunk {flag}")
+
+
+def test_the_unpatched_model_is_untouched_and_an_empty_choice_changes_nothing(pack, unet):
+    positive, negative, block_text = text(1), text(2), text(3)
+    reference = sample(unet, positive, negative, steps=2)
+    assert "patches" not in unet.model_options["transformer_options"]
+    unchanged = patched(pack, unet, block_text, blocks="")
+    torch.testing.assert_close(sample(unchanged, positive, negative, steps=2), reference, rtol=0, atol=0)
+    middle = patched(pack, unet, block_text)
+    assert (sample(middle, positive, negative, steps=2) - reference).abs().max() > 1e-4
+    torch.testing.assert_close(sample(unet, positive, negative, steps=2), reference, rtol=0, atol=0)
+
+
+def test_a_longer_block_conditioning_is_exact_by_repetition(pack, unet):
+    """The positive's own 77 tokens, given twice (154 tokens, as a long prompt encodes), change nothing:
+    attention over keys repeated k times is attention over them once."""
+    positive, negative = text(1), text(2)
+    reference = sample(unet, positive, negative, steps=2)
+    doubled = torch.cat([positive, positive], dim=1)
+    out = sample(patched(pack, unet, doubled, "input,middle,output"), positive, negative, steps=2)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    long_positive = torch.cat([positive, text(4)], dim=1)  # and a long KSampler prompt with a one-chunk block text
+    sample(patched(pack, unet, text(3)), long_positive, negative, steps=1)
+
+
+def test_without_cfg_only_the_positive_runs_and_is_patched(pack, unet):
+    positive, negative, block_text = text(1), text(2), text(3)
+    model = patched(pack, unet, block_text)
+    capture = Capture()
+    model.set_model_attn2_patch(capture)
+    sample(model, positive, negative, batch=3, cfg=1.0)
+    middle = [(flags, ctx) for block, flags, ctx in capture.calls if block == ("middle", 0)]
+    assert [flags for flags, _ in middle] == [[0]]
+    torch.testing.assert_close(middle[0][1], block_text.expand(3, -1, -1))
+
+
+# --- the patch on its own ---------------------------------------------------------------------------
+
+
+def test_row_replacement_batches_and_lengths():
+    context = torch.arange(4 * 2 * 3, dtype=torch.float32).view(4, 2, 3)  # chunks [uncond, cond] of 2 rows, 2 tokens
+    replacement = -torch.ones(1, 3, 3)
+    out = replace_positive_rows(context, replacement, [1, 0])
+    assert out.shape == (4, 6, 3)  # lcm(2, 3) tokens
+    torch.testing.assert_close(out[:2], context[:2].repeat(1, 3, 1))
+    torch.testing.assert_close(out[2:], -torch.ones(2, 6, 3))
+    per_row = torch.stack([torch.full((2, 3), 7.0), torch.full((2, 3), 8.0)])
+    torch.testing.assert_close(replace_positive_rows(context, per_row, [0, 1])[:2], per_row)
+    with pytest.raises(ValueError, match="has batch 3 but each prompt runs a batch of 2"):
+        replace_positive_rows(context, torch.zeros(3, 2, 3), [0, 1])
+    with pytest.raises(ValueError, match="block conditioning is 5 wide but this cross-attention takes 3-wide"):
+        replace_positive_rows(context, torch.zeros(1, 2, 5), [0, 1])
+
+
+def test_patch_moves_with_the_model_and_ignores_other_blocks():
+    patch = BlockContextPatch(torch.ones(1, 77, 8), [("middle", 0)])
+    n, ctx = torch.zeros(2, 16, 8), torch.zeros(2, 77, 8)
+    assert patch(n, ctx, ctx, {"block": ("input", 7), "cond_or_uncond": [0, 1]})[1] is ctx
+    assert patch(n, ctx, ctx, {"cond_or_uncond": [0]})[1] is ctx  # no block: not a U-Net transformer
+    assert patch.to("cpu") is patch and "middle" in repr(patch)
+
+
+# --- bad inputs -------------------------------------------------------------------------------------
+
+
+def test_a_conditioning_of_another_width_is_refused(pack, unet):
+    with pytest.raises(ValueError, match="conditioning_blocks is 1024 wide but this U-Net's cross-attention takes 768"):
+        patched(pack, unet, text(1, width=1024))
+
+
+def test_a_combined_conditioning_is_refused(pack, unet):
+    with pytest.raises(ValueError, match="conditioning_blocks holds 2 conditionings; connect one"):
+        pack.X2IBlockConditioning.execute(unet, cond(text(1)) + cond(text(2)), "middle")
+
+
+def test_a_block_the_model_lacks_is_refused(pack, unet):
+    with pytest.raises(BlockSpecError, match="output:0 has no cross-attention in this U-Net"):
+        patched(pack, unet, text(1), "middle,output:0")
+
+
+def test_a_model_without_unet_blocks_is_refused(pack, comfy):
+    import comfy.model_patcher
+
+    from x2i.nodes.uvit import UViTModelConfig
+    from x2i.uvit import SamplingConvention, UViTConfig
+
+    config = UViTModelConfig(UViTConfig(image_size=4, width=64, depth=2, heads=1), SamplingConvention())
+    config.set_inference_dtype(torch.float32, None)
+    cpu = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(config.get_model(), load_device=cpu, offload_device=cpu)
+    with pytest.raises(BlockSpecError, match="works on SD-style U-Nets .*not on UViT"):
+        patched(pack, model, text(1))
