@@ -190,3 +190,42 @@ def test_dry_run_counts_without_loading_models(tmp_path, tiny_t5, sd_folder, squ
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
     assert main(["bridge", "--config", str(config), "--dry-run", "--set", "model.kind=pixart"]) == 2
     assert "model.kind = 'pixart' but tiny-sd1 is a sd1 model" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_gloo_processes_share_the_latent_cache_and_train(tmp_path, tiny_t5, sd_folder, squares_tsv):
+    import os
+    import subprocess
+    import sys
+
+    from x2i.training.bridge_data import encode_both_flips, image_transform, load_image, scan_pairs
+    from x2i_testing import REPO_ROOT
+
+    raw = bridge_config(squares_tsv, sd_folder, tiny_t5, data={"latent_cache": str(tmp_path / "cache"), "cache_shard_size": 16})
+    raw["run"] = {"output_dir": str(tmp_path / "two"), "batch_size": 8, "max_steps": 3, "seed": 3, "device": "cpu", "backend": "gloo"}
+    config = tmp_path / "two.json"
+    config.write_text(json.dumps(raw))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               str(REPO_ROOT), "train", "bridge", "--config", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    # 40 pairs in shards of 16: rank 0 encodes shards 0 and 2, rank 1 shard 1; rank 0 writes the index.
+    assert "this process encoded 2 shard(s)" in done.stderr and "this process encoded 1 shard(s)" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["index.json", *(f"shard-0000{i}.safetensors" for i in range(3))]
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    vae = AutoencoderKL.from_pretrained(sd_folder / "vae").eval()
+    items, _ = scan_pairs(squares_tsv)
+    pixels = torch.stack([load_image(item.image, image_transform(32)) for item in items[16:32]])
+    mean, _ = encode_both_flips(vae, pixels, torch.device("cpu"))
+    torch.testing.assert_close(load_file(str(tmp_path / "cache" / "shard-00001.safetensors"))["mean"], mean, atol=2e-3, rtol=2e-3)
+    bridge = load_trained_bridge(tmp_path / "two" / "squares.safetensors")
+    assert bridge.recipe.value == "t5_unet" and (tmp_path / "two" / "squares" / "lora_vis.pt").is_file()

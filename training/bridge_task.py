@@ -79,6 +79,7 @@ class BridgeDataSettings:
     resolution: int = _help("images are resized (shorter side) and center-cropped to this many pixels", 512)
     latent_cache: str = _help("a folder for VAE latents encoded once (both flips); empty: encode every step", "")
     cache_batch_size: int = _help("images per VAE call while building the latent cache", 16)
+    cache_shard_size: int = _help("images per latent-cache shard (the unit of work each process encodes)", 1024)
     scan_workers: int = _help("threads checking the image files before training", 8)
 
     def __post_init__(self) -> None:
@@ -89,8 +90,8 @@ class BridgeDataSettings:
         for name in ("validation_count",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        if self.cache_batch_size < 1 or self.scan_workers < 1:
-            raise ValueError("cache_batch_size and scan_workers must be at least 1")
+        if min(self.cache_batch_size, self.cache_shard_size, self.scan_workers) < 1:
+            raise ValueError("cache_batch_size, cache_shard_size and scan_workers must be at least 1")
 
 
 @dataclass
@@ -305,6 +306,25 @@ class _Plain:
         self.value = value
 
 
+def resolved_learning_rates(optim: BridgeOptimSettings, kind: str) -> tuple[float, float, float]:
+    """(vision LoRA, adapter, text LoRA) learning rates, 0 meaning the official value."""
+    vision = optim.lr or OFFICIAL_LR[kind]
+    return vision, optim.adapter_lr or vision, optim.text_lr
+
+
+def build_bridge_optimizer(model: nn.Module, optim: BridgeOptimSettings, kind: str) -> torch.optim.Optimizer:
+    """AdamW over three groups — vision LoRA, adapter, text LoRA — with their learning rates."""
+    base = model.module if hasattr(model, "module") else model
+    vision_lr, adapter_lr, text_lr = resolved_learning_rates(optim, kind)
+    groups = [
+        {"params": [p for p in base.denoiser.parameters() if p.requires_grad], "lr": vision_lr, "name": "vision_lora"},
+        {"params": [p for p in base.adapter.parameters() if p.requires_grad], "lr": adapter_lr, "name": "adapter"},
+        {"params": [p for p in base.language_model.parameters() if p.requires_grad], "lr": text_lr, "name": "text_lora"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The task
 
@@ -423,9 +443,10 @@ class BridgeTask(TrainingTask):
         cache = None
         if self.data.latent_cache:
             vae_source = Path(os.path.expanduser(self.model_settings.vae)) if self.model_settings.vae else self._diffusion_path
-            settings = {"resolution": self.data.resolution, "dtype": self.model_settings.diffusion_model_dtype}
+            settings = {"resolution": self.data.resolution, "dtype": self.model_settings.diffusion_model_dtype,
+                        "shard_size": self.data.cache_shard_size}
             key = cache_key(items, settings, json.dumps(_fingerprint_path(vae_source)))
-            cache = LatentCache(os.path.expanduser(self.data.latent_cache), items, key)
+            cache = LatentCache(os.path.expanduser(self.data.latent_cache), items, key, self.data.cache_shard_size)
             state = cache.state()
             self._counts["latent_cache"] = f"{state.state} ({state.shards_done} of {state.shards_total} shards)"
         if dry_run:
@@ -521,19 +542,10 @@ class BridgeTask(TrainingTask):
         return model
 
     def _lr(self) -> tuple[float, float, float]:
-        vision = self.optim.lr or OFFICIAL_LR[self.diffusion_kind]
-        return vision, self.optim.adapter_lr or vision, self.optim.text_lr
+        return resolved_learning_rates(self.optim, self.diffusion_kind)
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        base = model.module if hasattr(model, "module") else model
-        vision_lr, adapter_lr, text_lr = self._lr()
-        groups = [
-            {"params": [p for p in base.denoiser.parameters() if p.requires_grad], "lr": vision_lr, "name": "vision_lora"},
-            {"params": [p for p in base.adapter.parameters() if p.requires_grad], "lr": adapter_lr, "name": "adapter"},
-            {"params": [p for p in base.language_model.parameters() if p.requires_grad], "lr": text_lr, "name": "text_lora"},
-        ]
-        groups = [g for g in groups if g["params"]]
-        return torch.optim.AdamW(groups, betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay, eps=self.optim.eps)
+        return build_bridge_optimizer(model, self.optim, self.diffusion_kind)
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int):
         if not self.optim.warmup_steps:
