@@ -1,0 +1,162 @@
+"""The shipped U-ViT and block-conditioning workflows in a real ComfyUI server.
+
+U-ViT: a tiny random U-ViT (64-pixel images) under the name the workflow uses, with the CLIP ViT-L/14
+text encoder and the KL-f8 VAE taken out of the random SD1.5 test checkpoint into the files the
+workflow names; sampled by stock KSampler. Block conditioning: the workflow as shipped on the random
+SD1.5 checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from comfy_harness import WORKFLOWS_DIR, ComfyServer, shipped_workflow_prompt
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from x2i.uvit import UViT, UViTConfig, save_uvit
+from x2i_testing import write_vae_from_checkpoint
+
+UVIT_WORKFLOW = "uvit_text_to_image.json"
+BLOCK_WORKFLOW = "block_conditioning_sd15.json"
+UVIT_FILE = "uvit_small_mscoco.safetensors"
+CLIP_FILE = "clip_l.safetensors"
+VAE_FILE = "vae-ft-mse-840000-ema-pruned.safetensors"
+SD_IN_WRONG_FOLDER = "sd15_in_diffusion_models.safetensors"
+TEST_SIZE = 64  # pixels; the tiny U-ViT's 8×8 latents
+# Heads = width // 64 and 77 tokens x 768: what the released models have.
+TINY_UVIT = UViTConfig("cross", "intermediate", n_image=1, n_text=1, image_size=TEST_SIZE // 8, width=128, depth=4, heads=2)
+LONG_PROMPT = " ".join(["a red double-decker bus driving down a wet city street at dusk next to tall glass buildings"] * 6)
+
+
+def write_clip_from_checkpoint(checkpoint: Path, target: Path) -> Path:
+    """The CLIP ViT-L/14 text tower of an SD1.x checkpoint as a standalone file (``clip_l.safetensors``'s
+    ``text_model.*`` layout, which Load CLIP reads with type stable_diffusion)."""
+    prefix = "cond_stage_model.transformer."
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        tensors = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+    if not tensors:
+        raise ValueError(f"{checkpoint} has no {prefix}* keys")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target))
+    return target
+
+
+@pytest.fixture(scope="session")
+def uvit_models(comfy_models_dir: Path, sd15_checkpoint: Path) -> Path:
+    torch.manual_seed(0)
+    save_uvit(UViT(TINY_UVIT), comfy_models_dir / "diffusion_models" / UVIT_FILE)
+    write_clip_from_checkpoint(sd15_checkpoint, comfy_models_dir / "text_encoders" / CLIP_FILE)
+    write_vae_from_checkpoint(sd15_checkpoint, comfy_models_dir / "vae" / VAE_FILE)
+    wrong = comfy_models_dir / "diffusion_models" / SD_IN_WRONG_FOLDER
+    if not wrong.exists():
+        os.link(sd15_checkpoint, wrong)  # a whole SD checkpoint where a U-ViT is expected
+    return comfy_models_dir
+
+
+def _node(prompt: dict, class_type: str) -> dict:
+    return next(n for n in prompt.values() if n["class_type"] == class_type)
+
+
+def _errors(entry: dict) -> list[dict]:
+    return [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+
+
+def _run_to_error(server: ComfyServer, prompt: dict) -> dict:
+    status, body = server.queue(prompt)
+    assert status == 200, body
+    entry = server.wait(body["prompt_id"], timeout=600)
+    assert entry["status"]["status_str"] == "error"
+    return _errors(entry)[0]
+
+
+# --- U-ViT text to image ----------------------------------------------------------------------------
+
+
+def test_shipped_uvit_workflow_samples_with_ksampler(uvit_models, comfy_server: ComfyServer):
+    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=TEST_SIZE, steps=3)
+    assert {n["class_type"] for n in prompt.values()} >= {"X2IUViTLoader", "CLIPLoader", "VAELoader", "KSampler", "SaveImage"}
+    assert _node(prompt, "CLIPLoader")["inputs"]["type"] == "stable_diffusion"
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = comfy_server.output_files(entry)
+    assert len(images) == 1
+    with Image.open(images[0]) as image:
+        assert image.size == (TEST_SIZE, TEST_SIZE)
+    assert f"U-ViT {UVIT_FILE}: cross-intermediate" in comfy_server.log_tail(400_000)
+
+
+def test_a_long_prompt_samples_from_its_first_clip_chunk(uvit_models, comfy_server: ComfyServer):
+    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=TEST_SIZE, steps=2)
+    positive = next(n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and n["inputs"]["text"])
+    positive["inputs"]["text"] = LONG_PROMPT
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert "(2 CLIP chunks); this U-ViT reads one chunk of 77 tokens" in comfy_server.log_tail(400_000)
+
+
+def test_uvit_bad_inputs_are_named(uvit_models, comfy_server: ComfyServer):
+    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=2 * TEST_SIZE, steps=2)
+    error = _run_to_error(comfy_server, prompt)
+    assert "latent is 16×16 but this U-ViT was trained on 8×8 latents (64×64 images" in error["exception_message"]
+
+    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=TEST_SIZE, steps=2)
+    _node(prompt, "X2IUViTLoader")["inputs"]["uvit_name"] = SD_IN_WRONG_FOLDER
+    status, body = comfy_server.queue(prompt)
+    assert status == 400
+    assert "a Stable Diffusion U-Net or checkpoint (load it with Load Checkpoint), not a U-ViT" in json.dumps(body["node_errors"])
+
+
+# --- block-wise conditioning on SD1.5 ---------------------------------------------------------------
+
+
+def test_shipped_block_conditioning_workflow_samples(comfy_server: ComfyServer):
+    prompt = shipped_workflow_prompt(BLOCK_WORKFLOW, comfy_server)
+    block = _node(prompt, "X2IBlockConditioning")
+    assert block["inputs"]["blocks"] == "middle"
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(comfy_server.output_files(entry)) == 1
+    assert "Block conditioning: middle attend to conditioning_blocks" in comfy_server.log_tail(400_000)
+
+
+def test_block_conditioning_names_bad_blocks(comfy_server: ComfyServer):
+    prompt = shipped_workflow_prompt(BLOCK_WORKFLOW, comfy_server)
+    _node(prompt, "X2IBlockConditioning")["inputs"]["blocks"] = "centre"
+    status, body = comfy_server.queue(prompt)
+    assert status == 400 and "cannot read block 'centre'" in json.dumps(body["node_errors"])
+
+    _node(prompt, "X2IBlockConditioning")["inputs"]["blocks"] = "middle,output:0"
+    error = _run_to_error(comfy_server, prompt)
+    assert error["node_type"] == "X2IBlockConditioning"
+    assert "output:0 has no cross-attention in this U-Net; blocks with cross-attention: input:1," in error["exception_message"]
+
+
+# --- the shipped files ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [UVIT_WORKFLOW, BLOCK_WORKFLOW])
+def test_workflow_layout(name):
+    """Nodes apart (title bars included), links left to right, VAE Decode 220×50 with Save Image to its
+    right, a thumbnail beside it."""
+    workflow = json.loads((WORKFLOWS_DIR / name).read_text(encoding="utf-8"))
+    title_bar = 30
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - title_bar, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in workflow["nodes"]}
+    ids = sorted(boxes)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            ax0, ay0, ax1, ay1 = boxes[a]
+            bx0, by0, bx1, by1 = boxes[b]
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, (name, a, b)
+    for _, source, _, target, _, _ in workflow["links"]:
+        assert boxes[source][2] < boxes[target][0], (name, source, target)
+    by_type = {n["type"]: n for n in workflow["nodes"]}
+    assert by_type["VAEDecode"]["size"] == [220, 50]
+    assert by_type["SaveImage"]["pos"][0] > by_type["VAEDecode"]["pos"][0] + 220
+    assert workflow["extra"]["ds"]["offset"] == [40, 60]
+    assert (WORKFLOWS_DIR / name).with_suffix(".jpg").is_file()
