@@ -73,7 +73,13 @@ def build(args, device: torch.device):
 
     from x2i.bridge import TextAdapter, TextAdapterConfig, text_lora_targets
     from x2i.bridge.language_models import LaViBridgeRecipe
-    from x2i.training.bridge_task import BridgeOptimSettings, BridgeTrainingModel, build_bridge_optimizer, inject_lora
+    from x2i.training.bridge_task import (
+        BridgeOptimSettings,
+        BridgeTrainingModel,
+        build_bridge_optimizer,
+        enable_activation_checkpointing,
+        inject_lora,
+    )
     from x2i.training.diffusion_models import SD1_UNET_CONFIG, SD1_VAE_CONFIG, DiffusionModel, make_scheduler
 
     unet_config, vae_config, t5_config = (SMALL_UNET, SMALL_VAE, SMALL_T5) if args.small else (SD1_UNET_CONFIG, SD1_VAE_CONFIG, T5_LARGE)
@@ -96,7 +102,7 @@ def build(args, device: torch.device):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.text_lora:
-            t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(t5)
     model = BridgeTrainingModel(t5, adapter, diffusion, LaViBridgeRecipe.T5_UNET, args.text_lora).to(device).train()
     optimizer = build_bridge_optimizer(model, BridgeOptimSettings(), "sd1")  # the task's groups and official LRs
     counts = {

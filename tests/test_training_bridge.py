@@ -149,11 +149,14 @@ def test_llama_bridge_trains_and_exports(tmp_path, sd_folder, squares_tsv):
 
     llama = make_llama_folder(tmp_path / "llama")
     output = tmp_path / "run"
-    raw = bridge_config(squares_tsv, sd_folder, llama, lora={"rank": 4}, export={"released_layout": False})
+    raw = bridge_config(squares_tsv, sd_folder, llama, lora={"rank": 4}, export={"released_layout": False},
+                        model={"gradient_checkpointing": True})
     task, result = run(raw, output, max_steps=2)
     assert task.describe()["recipe"] == "llama2_unet" and result.exported == [output / "squares.safetensors"]
     bridge = load_trained_bridge(result.exported[0])
     assert (bridge.recipe.value, bridge.language_model_family, bridge.rank, bridge.adapter_config.in_dim) == ("llama2_unet", "llama", 4, 32)
+    # Gradients reached every LoRA layer through the checkpointed blocks (up starts at zero).
+    assert all(up.any() for up, _ in bridge.vision_pairs() + bridge.text_pairs())
     lm = load_language_model(llama, "llama2_unet", dtype=torch.float32).transformer
     assert list(map_lora_pairs(bridge.text_pairs(), text_lora_targets(lm, "llama"), "text")) == list(bridge.text_lora)
 
@@ -161,10 +164,14 @@ def test_llama_bridge_trains_and_exports(tmp_path, sd_folder, squares_tsv):
 def test_pixart_bridge_trains_with_the_mask_recipe_and_official_lr(tmp_path, tiny_t5, squares_tsv):
     pixart = bt.make_pixart_folder(tmp_path / "pixart")
     output = tmp_path / "run"
-    raw = bridge_config(squares_tsv, pixart, tiny_t5, optim={"lr": 0.0}, lora={"text": False})
+    # Frozen weights in bf16 (as for large models) while the LoRA and adapter train in fp32.
+    raw = bridge_config(squares_tsv, pixart, tiny_t5, optim={"lr": 0.0}, lora={"text": False},
+                        model={"language_model_dtype": "bf16", "diffusion_model_dtype": "bf16"})
     task, result = run(raw, output, max_steps=2)
+    assert all(torch.isfinite(torch.tensor(metrics(output, "train", "loss"))))
     bridge = load_trained_bridge(result.exported[0])
     assert (bridge.recipe.value, bridge.diffusion_model, bridge.max_length, bridge.use_attention_mask) == ("t5_transformer", "pixart", 120, True)
+    assert {v.dtype for v in bridge.adapter.state_dict().values()} == {torch.float32}
     assert bridge.training_config["resolved"]["vision_lr"] == 2e-5 and bridge.text_lora == {}
     assert list(bridge.vision_lora) == [t.name for t in pixart_lora_targets(2, 16)]
     # Trained without a text LoRA: the released lora_text.pt holds zero pairs (no change to the language model).

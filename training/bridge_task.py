@@ -204,6 +204,15 @@ def lora_pairs(model: nn.Module, targets: Sequence[LoraTarget]) -> dict[str, tup
     return out
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant (the base weights are frozen)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def zero_pairs(targets: Sequence[LoraTarget], rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """All-zero pairs (no change to the model) for a released layout trained without that LoRA."""
     return [(torch.zeros(t.pair_shapes(rank)[0]), torch.zeros(t.pair_shapes(rank)[1])) for t in targets]
@@ -533,7 +542,7 @@ class BridgeTask(TrainingTask):
         if self.model_settings.gradient_checkpointing:
             self.diffusion.denoiser.enable_gradient_checkpointing()
             if self.lora.text:
-                self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(self.language_model)
         model = BridgeTrainingModel(self.language_model, adapter, self.diffusion, self.recipe, self.lora.text)
         # Frozen parts stay in eval mode (no dropout in the base models); train() only reaches the LoRA and adapter.
         model.to(dist.device)
