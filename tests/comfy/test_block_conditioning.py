@@ -10,6 +10,8 @@ import torch
 from x2i.uvit.block_conditioning import (
     BlockContextPatch,
     BlockSpecError,
+    cross_attention_blocks,
+    cross_attention_width,
     format_blocks,
     parse_blocks,
     replace_positive_rows,
@@ -94,8 +96,6 @@ def patched(pack, unet, block_text, blocks="middle"):
 
 
 def test_the_sd15_unet_has_the_blocks_comfyui_names(unet):
-    from x2i.uvit.block_conditioning import cross_attention_blocks, cross_attention_width
-
     assert cross_attention_blocks(unet.model.diffusion_model) == SD15_BLOCKS
     assert cross_attention_width(unet.model.diffusion_model) == 768
     assert format_blocks(SD15_BLOCKS) == ",".join(
@@ -245,3 +245,51 @@ def test_a_model_without_unet_blocks_is_refused(pack, comfy):
     model = comfy.model_patcher.ModelPatcher(config.get_model(), load_device=cpu, offload_device=cpu)
     with pytest.raises(BlockSpecError, match="works on SD-style U-Nets .*not on UViT"):
         patched(pack, model, text(1))
+
+
+# --- other U-Nets -----------------------------------------------------------------------------------
+
+# SDXL's U-Net config (comfy/model_detection.py) with 64 channels and one transformer per block: the
+# same blocks carry cross-attention, 2048-wide.
+SDXL_NARROW = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 64,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 1, 1], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def test_an_sdxl_unet_gets_its_own_blocks_and_width(pack, comfy):
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+
+    config = comfy.supported_models.SDXL(SDXL_NARROW)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    cpu = torch.device("cpu")
+    unet = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    assert cross_attention_blocks(model.diffusion_model) == (
+        ("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0), *(("output", i) for i in range(6)),
+    )
+    with pytest.raises(ValueError, match="768 wide but this U-Net's cross-attention takes 2048"):
+        patched(pack, unet, text(1))
+    with pytest.raises(BlockSpecError, match="input:1 has no cross-attention"):
+        patched(pack, unet, text(1, width=2048), "input:1")
+    block_text = text(3, width=2048)
+    sdxl = patched(pack, unet, block_text, "middle,output:0")
+    capture = Capture()
+    sdxl.set_model_attn2_patch(capture)
+    pooled = {"pooled_output": torch.zeros(1, 1280)}  # SDXL's ADM input
+    latent = torch.zeros(1, 4, 8, 8)
+    comfy.sample.sample(sdxl, comfy.sample.prepare_noise(latent, 0), 1, 5.0, "euler", "normal",
+                        [[text(1, width=2048), pooled]], [[text(2, width=2048), pooled]], latent, disable_pbar=True, seed=0)
+    for block, flags, context in capture.calls:
+        positive = context[flags.index(0)]
+        expected = block_text[0] if block in (("middle", 0), ("output", 0)) else text(1, width=2048)[0]
+        torch.testing.assert_close(positive, expected, msg=str(block))
