@@ -26,7 +26,7 @@ Train an adapter that this pack's ComfyUI nodes load.
 
   gluenet   a GlueNet: translates a new encoder's features (multilingual/T5 text, AudioCLIP/CLAP sound,
             ULIP point clouds) into Stable Diffusion's CLIP text space (GlueGen)
-  bridge    a LaVi-Bridge: adapter + LoRA joining a language model (T5, Llama, BERT) to an SD1.x U-Net or PixArt
+  bridge    a LaVi-Bridge: adapter + LoRA joining a language model (T5, Llama) to an SD1.x U-Net or PixArt
 
 Settings come from a TOML or JSON file of sections ([run], [data], [model] …) and --set overrides.
 `train <kind> --help` lists every setting of that kind with its default.

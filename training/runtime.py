@@ -43,7 +43,7 @@ CHECKPOINT_DIR = "checkpoints"
 # Settings that may change between a run and its resumption; every other one must match.
 RESUMABLE_CHANGES = frozenset(
     {"output_dir", "epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every",
-     "num_workers", "device", "compile", "backend"}
+     "num_workers", "device", "compile", "backend", "distributed_timeout_minutes"}
 )
 
 
@@ -75,9 +75,11 @@ class RunSettings:
     # 0: no gradient clipping.
     grad_clip: float = 0.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # How long processes wait for each other (cache building happens between barriers).
+    distributed_timeout_minutes: int = 360
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "distributed_timeout_minutes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "num_workers", "validate_every", "seed"):
@@ -107,7 +109,7 @@ class Distributed:
         return self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
 
     @classmethod
-    def from_environment(cls, device: str = "auto", backend: str = "auto") -> Distributed:
+    def from_environment(cls, device: str = "auto", backend: str = "auto", timeout_minutes: int = 360) -> Distributed:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -122,7 +124,8 @@ class Distributed:
             torch.cuda.set_device(resolved)
         if world_size > 1 and not torch_dist.is_initialized():
             chosen = backend if backend != "auto" else ("nccl" if resolved.type == "cuda" else "gloo")
-            torch_dist.init_process_group(chosen, timeout=datetime.timedelta(minutes=30))
+            # Generous: ranks wait at a barrier while rank 0 (or each rank) builds feature/latent caches.
+            torch_dist.init_process_group(chosen, timeout=datetime.timedelta(minutes=timeout_minutes))
         return cls(rank, world_size, local_rank, resolved)
 
     def barrier(self) -> None:
@@ -263,7 +266,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters and buffers: what a checkpoint must hold (frozen weights come from their files)."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    # remove_duplicate=False: a tied weight (T5's embed_tokens = shared) is frozen under every name.
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
@@ -528,7 +532,7 @@ def train(
 ) -> TrainResult:
     """Run (or continue) a training run to the end or to an interruption; see the module docstring."""
     own_dist = dist is None
-    dist = dist or Distributed.from_environment(settings.device, settings.backend)
+    dist = dist or Distributed.from_environment(settings.device, settings.backend, settings.distributed_timeout_minutes)
     output_dir = Path(settings.output_dir)
     handler = None
     try:
