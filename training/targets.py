@@ -23,12 +23,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..encoders.text import HFTextEncoder, load_text_encoder
 from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch, unwrap_state_dict
+
+if TYPE_CHECKING:
+    from ..encoders.text import HFTextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,8 @@ def load_clip_from_checkpoint(path: Path, tokenizer_folder: str = "", dtype: tor
     """The CLIP text encoder of an SD1.x single-file checkpoint, as an :class:`HFTextEncoder`."""
     from transformers import CLIPTextModel
 
+    from ..encoders.text import HFTextEncoder
+
     state = {k: v for k, v in _read_checkpoint_clip(path).items() if not k.endswith("position_ids")}
     config = clip_config_from_state(state, path.name)
     model = CLIPTextModel(config)
@@ -153,6 +157,8 @@ def load_clip_from_checkpoint(path: Path, tokenizer_folder: str = "", dtype: tor
 
 def load_target_encoder(settings: TargetSettings, base: Path | None = None, pack_root: Path | None = None) -> HFTextEncoder:
     """SD1.x's CLIP text encoder from a checkpoint or a folder, set up to give SD1 conditioning."""
+    # Imported here: a run whose caches are complete never needs transformers (seconds of start-up).
+    from ..encoders.text import load_text_encoder
     if not settings.clip:
         raise TargetError("set target.clip to an SD1.x checkpoint or a Hugging Face CLIP folder")
     path = Path(settings.clip).expanduser()

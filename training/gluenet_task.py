@@ -1,0 +1,431 @@
+"""``train gluenet``: GlueGen's GlueNet trainer (text, sound, point clouds) on the shared training loop.
+
+    python path/to/ComfyUI-X2I train gluenet --config gluenet_fr.toml
+
+The frozen source encoder and SD1.x's CLIP text encoder run once over the data and their features
+are cached on disk (:mod:`training.features`); epochs then read the cache, so training costs only the
+GlueNet. The objective and the per-modality defaults are the official ones
+(:mod:`training.gluenet_objective`); the result is a ``.safetensors`` GlueNet that X2I GlueNet Loader
+loads, carrying its architecture, scaling, language and encoder in its metadata.
+
+Official defaults (applied when a setting is left at 0 / "auto"):
+
+| modality | GlueNet | mult | input ÷ | lr | lr halves every | epochs | batch |
+|---|---|---|---|---|---|---|---|
+| text | ``translator_noln(77, width, 768, depth 5)`` | 2 | 3 | 1e-4 | 1 epoch | 4 | 32 |
+| audio | ``translator_w_head(width/64, 77, 64, 768, depth 5)`` | 4 | 1 | 5e-5 | 5 epochs | 10 | 8 |
+| point_cloud | as audio (ULIP's embedding cut into 64-wide tokens) | 4 | 1 | 5e-5 | 5 epochs | 10 | 8 |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..gluenet import GlueNet, GlueNetConfig, GlueNetConfigError, save_gluenet
+from .config import ConfigError, as_dict, section
+from .features import CacheSettings, FeatureCache, FeatureCacheError, ShardedFeatures, fingerprint_path
+from .gluenet_data import (
+    AudioClip,
+    DataError,
+    GlueNetDataSettings,
+    GlueNetListing,
+    build_listing,
+    hash_strings,
+)
+from .gluenet_objective import GlueNetLossSettings, GlueNetObjective, alignment_metrics
+from .gluenet_sources import (
+    SourceEncoderError,
+    SourceSettings,
+    describe_source_settings,
+    load_source_encoder,
+    resolve_path,
+    source_encode_fn,
+    source_item_shape,
+    target_encode_fn,
+)
+from .runtime import Distributed, TrainingError, TrainingTask
+from .targets import (
+    TargetError,
+    TargetSettings,
+    check_target_width,
+    default_tokenizer_folder,
+    load_target_encoder,
+    peek_target_width,
+)
+
+logger = logging.getLogger(__name__)
+
+Architecture = Literal["auto", "translator", "translator_noln", "translator_w_head", "translator_attn"]
+# Official settings per modality (see the module docstring).
+OFFICIAL = {
+    "text": {"architecture": "translator_noln", "mult": 2, "input_divisor": 3.0, "lr": 1e-4, "lr_step_epochs": 1,
+             "epochs": 4, "batch_size": 32},
+    "audio": {"architecture": "translator_w_head", "mult": 4, "input_divisor": 1.0, "lr": 5e-5, "lr_step_epochs": 5,
+              "epochs": 10, "batch_size": 8},
+}
+OFFICIAL["point_cloud"] = OFFICIAL["audio"]
+
+
+@dataclasses.dataclass
+class GlueNetModelSettings:
+    """The ``[model]`` section: the GlueNet's shape and its input/output convention (0 / "auto": official)."""
+
+    architecture: Architecture = "auto"
+    out_dim: int = 768  # the target's width: SD1.x's CLIP ViT-L/14
+    mult: int = 0
+    depth: int = 5
+    token_width: int = 64  # an embedding of size E enters as E / token_width tokens (AudioCLIP: 16 x 64)
+    input_divisor: float = 0.0
+    language: str = ""  # ISO 639-1 code written into the file, used by the GlueNet Router (text)
+    encoder_hint: str = ""  # default: the source encoder's file or folder name
+
+    def __post_init__(self) -> None:
+        for name in ("out_dim", "depth", "token_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be positive")
+        if self.mult < 0 or self.input_divisor < 0:
+            raise ValueError("model.mult and model.input_divisor must be >= 0 (0: official default)")
+
+
+@dataclasses.dataclass
+class GlueNetOptimSettings:
+    """The ``[optim]`` section: Adam and a step schedule (0: official per modality)."""
+
+    lr: float = 0.0
+    lr_step_epochs: int = 0  # the learning rate is multiplied by lr_gamma every this many epochs
+    lr_gamma: float = 0.5
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lr < 0 or self.lr_step_epochs < 0 or not 0 < self.lr_gamma <= 1 or len(self.betas) != 2:
+            raise ValueError("optim: lr >= 0, lr_step_epochs >= 0, 0 < lr_gamma <= 1, betas = [b1, b2]")
+
+
+@dataclasses.dataclass
+class GlueNetExportSettings:
+    """The ``[export]`` section."""
+
+    name: str = "gluenet"  # writes <run.output_dir>/<name>.safetensors; copy it to ComfyUI/models/gluenet
+
+
+def _draw(seed: int, sample: int, epoch: int, count: int) -> int:
+    """A uniform choice in ``range(count)`` fixed by (seed, sample, epoch): the same in every process,
+    with any number of loader workers, and after a resume."""
+    digest = hashlib.blake2b(struct.pack("<qqq", seed, sample, epoch), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % count
+
+
+class GlueNetTrainingSet(torch.utils.data.Dataset):
+    """``{"source", "target"}`` feature pairs read from the caches. A sample with several candidate
+    targets (a class's prompts) gets one drawn per epoch, as the official sound script draws a
+    random prompt each time it sees a clip."""
+
+    def __init__(self, sources: ShardedFeatures, targets: ShardedFeatures, samples: list[tuple[int, tuple[int, ...]]],
+                 indices: list[int], seed: int) -> None:
+        self.sources, self.targets = sources, targets
+        self.samples, self.indices, self.seed = samples, indices, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        sample = self.indices[i]
+        source, candidates = self.samples[sample]
+        choice = candidates[0] if len(candidates) == 1 else candidates[_draw(self.seed, sample, self.epoch, len(candidates))]
+        return {"source": self.sources[source], "target": self.targets[choice]}
+
+
+class GlueNetTask(TrainingTask):
+    kind = "gluenet"
+    SECTIONS = {
+        "data": GlueNetDataSettings,
+        "source": SourceSettings,
+        "target": TargetSettings,
+        "model": GlueNetModelSettings,
+        "loss": GlueNetLossSettings,
+        "optim": GlueNetOptimSettings,
+        "cache": CacheSettings,
+        "export": GlueNetExportSettings,
+    }
+    # The text recipe's; audio and point clouds officially use 10 epochs of batch 8 (see run_defaults).
+    RUN_DEFAULTS = {"epochs": OFFICIAL["text"]["epochs"], "batch_size": OFFICIAL["text"]["batch_size"]}
+
+    def __init__(self, data: GlueNetDataSettings, source: SourceSettings, target: TargetSettings,
+                 model: GlueNetModelSettings, loss: GlueNetLossSettings, optim: GlueNetOptimSettings,
+                 cache: CacheSettings, export: GlueNetExportSettings, output_dir: str = "", seed: int = 0) -> None:
+        self.data, self.source, self.target = data, source, target
+        self.model_settings, self.loss, self.optim, self.cache, self.export_settings = model, loss, optim, cache, export
+        self.output_dir = output_dir
+        self.seed = seed
+        self.official = OFFICIAL[data.modality]
+        self.listing: GlueNetListing | None = None
+        self.gluenet_config: GlueNetConfig | None = None
+        self.cache_states: dict[str, str] = {}
+        self.usable: dict[str, int] = {}
+
+    @classmethod
+    def run_defaults(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """The official epochs and batch size of the configured modality (text: 4 x 32; sound, point clouds: 10 x 8)."""
+        modality = raw.get("data", {}).get("modality", "text")
+        official = OFFICIAL.get(modality, OFFICIAL["text"])
+        return {"epochs": official["epochs"], "batch_size": official["batch_size"]}
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any]) -> GlueNetTask:
+        parts = {name: section(raw, name, settings_cls) for name, settings_cls in cls.SECTIONS.items()}
+        run = raw.get("run", {})
+        return cls(**parts, output_dir=str(run.get("output_dir", "")), seed=int(run.get("seed", 0)))
+
+    # -- resolved settings ---------------------------------------------------------------------------
+
+    @property
+    def modality(self) -> str:
+        return self.data.modality
+
+    def resolved_optim(self) -> dict[str, Any]:
+        return {
+            "lr": self.optim.lr or self.official["lr"],
+            "lr_step_epochs": self.optim.lr_step_epochs or self.official["lr_step_epochs"],
+            "lr_gamma": self.optim.lr_gamma, "betas": list(self.optim.betas), "weight_decay": self.optim.weight_decay,
+        }
+
+    def resolved_model(self) -> dict[str, Any]:
+        m = self.model_settings
+        return {
+            "architecture": self.official["architecture"] if m.architecture == "auto" else m.architecture,
+            "out_dim": m.out_dim, "mult": m.mult or self.official["mult"], "depth": m.depth, "token_width": m.token_width,
+            "input_divisor": m.input_divisor or self.official["input_divisor"], "language": m.language or None,
+            "encoder_hint": m.encoder_hint or (Path(self.source.encoder).name if self.source.encoder else None),
+        }
+
+    def config(self) -> dict[str, Any]:
+        cache = as_dict(self.cache)
+        for key in ("dir", "encode_batch_size", "verify"):  # where and how fast the cache is built, not what it holds
+            cache.pop(key)
+        return {
+            "data": as_dict(self.data), "source": as_dict(self.source), "target": as_dict(self.target),
+            "model": self.resolved_model(), "loss": as_dict(self.loss), "optim": self.resolved_optim(),
+            "cache": cache, "export": as_dict(self.export_settings),
+        }
+
+    def build_gluenet_config(self, source_shape: tuple[int, ...]) -> GlueNetConfig:
+        """The GlueNet for features of ``source_shape`` (``[tokens, width]`` or ``[embedding]``)."""
+        m = self.resolved_model()
+        if len(source_shape) == 2:
+            tokens, width = source_shape
+        else:
+            (size,) = source_shape
+            if size % m["token_width"]:
+                raise TrainingError(
+                    f"the source embedding has {size} values, not a multiple of model.token_width = {m['token_width']}; "
+                    "choose a token width that divides it"
+                )
+            tokens, width = size // m["token_width"], m["token_width"]
+        try:
+            return GlueNetConfig(
+                architecture=m["architecture"], num_tokens=tokens, in_dim=width, out_dim=m["out_dim"], mult=m["mult"],
+                depth=m["depth"], num_tokens_out=77 if m["architecture"] == "translator_w_head" else None,
+                input_divisor=m["input_divisor"], output_scaling="tensor_norm_half", language=m["language"],
+                encoder_hint=m["encoder_hint"],
+            )
+        except GlueNetConfigError as exc:
+            raise ConfigError(f"[model] {exc}") from exc
+
+    # -- data and caches ------------------------------------------------------------------------------
+
+    def _cache_root(self) -> Path:
+        if self.cache.dir:
+            return Path(self.cache.dir).expanduser()
+        if not self.output_dir:
+            raise ConfigError("set cache.dir or run.output_dir: the feature cache needs a folder")
+        return Path(self.output_dir) / "feature_cache"
+
+    def _tokenizer_folder(self) -> str | None:
+        if self.target.tokenizer:
+            return str(Path(self.target.tokenizer).expanduser())
+        clip = Path(self.target.clip).expanduser()
+        if clip.is_dir():
+            return None  # the folder's own tokenizer, fingerprinted with the folder
+        folder = default_tokenizer_folder()
+        return str(folder) if folder else None
+
+    def _caches(self, listing: GlueNetListing) -> dict[str, FeatureCache]:
+        verify = self.cache.verify
+        source_fp = {
+            "role": "source", "encoder": fingerprint_path(resolve_path(self.source.encoder, None), verify),
+            "settings": describe_source_settings(self.modality, self.source, self.data.surface_points),
+            "data": hash_strings(listing.source_keys()),
+        }
+        target_fp = {
+            "role": "target", "clip": fingerprint_path(Path(self.target.clip).expanduser(), verify),
+            "tokenizer": fingerprint_path(self._tokenizer_folder(), verify), "clip_dtype": self.target.dtype,
+            "settings": "77 tokens, padded with the end token, no attention mask, last_hidden_state",
+            "data": hash_strings(listing.target_texts),
+        }
+        root = self._cache_root()
+        return {
+            "source": FeatureCache(root, f"source-{self.modality}", source_fp, len(listing.sources), self.cache.dtype, self.cache.shard_size),
+            "target": FeatureCache(root, "target-clip", target_fp, len(listing.target_texts), self.cache.dtype, self.cache.shard_size),
+        }
+
+    def prepare(self, dist: Distributed, log: logging.Logger, *, dry_run: bool = False) -> None:
+        try:
+            self._prepare(dist, log, dry_run)
+        except (DataError, TargetError, SourceEncoderError, FeatureCacheError) as exc:
+            raise TrainingError(str(exc)) from exc
+
+    def _prepare(self, dist: Distributed, log: logging.Logger, dry_run: bool) -> None:
+        if not self.source.encoder:
+            raise ConfigError("set source.encoder: the frozen encoder the GlueNet translates from")
+        if not self.target.clip:
+            raise ConfigError("set target.clip: an SD1.x checkpoint or a Hugging Face CLIP folder")
+        listing = build_listing(self.data, seed=self.data_seed)
+        self.listing = listing
+        width = peek_target_width(self.target)
+        if width is not None:
+            check_target_width(width, self.model_settings.out_dim, Path(self.target.clip).name)
+        caches = self._caches(listing)
+        self.cache_states = {name: cache.state() for name, cache in caches.items()}
+        if dry_run:
+            if self.modality == "audio":
+                self._count_unreadable_audio(listing)
+            return
+        dist.barrier()  # every rank has read the cache states before any rank builds
+        for name, cache in caches.items():
+            if self.cache_states[name] == "complete":
+                if dist.is_main:
+                    log.info("feature cache %s: reused (%s)", cache.name, cache.folder)
+                continue
+            if name == "source":
+                encoder = self._load(lambda: load_source_encoder(self.modality, self.source), dist)
+                items: list = listing.sources
+                encode = source_encode_fn(self.modality, encoder, self.data.surface_points)
+                shape = source_item_shape(self.modality, encoder)
+            else:
+                encoder = self._load(lambda: load_target_encoder(self.target), dist)
+                check_target_width(encoder.hidden_size, self.model_settings.out_dim, encoder.name)
+                items, encode, shape = listing.target_texts, target_encode_fn(encoder), (77, encoder.hidden_size)
+            cache.build(items, encode, shape, dist, self.cache.encode_batch_size, state=self.cache_states[name])
+            filled = getattr(encode, "filled", None)
+            if filled and filled["count"] and dist.is_main:
+                log.info("%d source texts filled all %d token positions (longer ones are truncated, as in the official "
+                         "recipe)", filled["count"], self.source.max_length)
+            del encoder, encode
+            if dist.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.sources = caches["source"].open()
+        self.targets = caches["target"].open()
+        check_target_width(self.targets.item_shape[-1], self.model_settings.out_dim, Path(self.target.clip).name)
+        self.gluenet_config = self.build_gluenet_config(self.sources.item_shape)
+        usable = [self.sources.valid[s] and all(self.targets.valid[t] for t in c) for s, c in listing.samples]
+        self.train_indices = [i for i, ok in enumerate(usable) if ok and not listing.val[i]]
+        self.val_indices = [i for i, ok in enumerate(usable) if ok and listing.val[i]][: self.data.val_max_samples]
+        skipped = caches["source"].summary()["skipped"]
+        self.usable = {"train_samples_usable": len(self.train_indices), "val_samples_used": len(self.val_indices),
+                       **{f"skipped_{reason}": count for reason, count in skipped.items()}}
+        self.cache_states = {name: cache.state() for name, cache in caches.items()}
+        self._val_data: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def data_seed(self) -> int:
+        return self.seed
+
+    def _load(self, loader, dist: Distributed) -> nn.Module:
+        try:
+            module = loader()
+        except (SourceEncoderError, TargetError):
+            raise
+        except ValueError as exc:  # the encoders' own file errors (TextEncoderFolderError, AudioCLIPFileError, ...)
+            raise TrainingError(str(exc)) from exc
+        return module.to(dist.device)
+
+    def _count_unreadable_audio(self, listing: GlueNetListing) -> None:
+        """Dry run: read every sound file's header (cheap), so broken files are counted before training."""
+        try:
+            import soundfile
+        except ImportError:
+            return
+        for clip in listing.sources:
+            assert isinstance(clip, AudioClip)
+            try:
+                soundfile.info(str(clip.path))
+            except Exception:
+                listing.skipped["unreadable_audio"] += 1
+
+    def describe(self) -> dict[str, int | str]:
+        out: dict[str, int | str] = dict(self.listing.describe()) if self.listing else {}
+        out.update({f"cache_{name}": state for name, state in self.cache_states.items()})
+        out.update(self.usable)
+        if self.gluenet_config is not None:
+            c = self.gluenet_config
+            out["gluenet"] = f"{c.architecture} {c.num_tokens}x{c.in_dim} -> {c.tokens_out}x{c.out_dim}, mult {c.mult}, depth {c.depth}"
+        return out
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        return GlueNetTrainingSet(self.sources, self.targets, self.listing.samples, self.train_indices, self.data_seed)
+
+    def build_model(self, dist: Distributed) -> nn.Module:
+        # Initialised from the run's seed alone: prepare() may or may not have loaded encoders (which
+        # draw from the global RNG) depending on whether the caches existed, and a resumed or cached
+        # run must start from the same weights as the first one.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return GlueNetObjective(self.gluenet_config, self.loss, self.modality, batch_mean=dist.all_reduce_mean)
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        o = self.resolved_optim()
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int):
+        o = self.resolved_optim()
+        # Stepped every optimiser step: the official per-epoch StepLR in steps.
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch * o["lr_step_epochs"], gamma=o["lr_gamma"])
+
+    def _validation_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sources ``[N, ...]``, distinct targets ``[G, 77, D]`` and each sample's target id ``[N]``.
+
+        A sample with several candidate prompts is scored against their mean (what MSE training
+        converges to); samples sharing the same candidates share one target (a class)."""
+        if self._val_data is None:
+            groups: dict[tuple[int, ...], int] = {}
+            ids = []
+            for i in self.val_indices:
+                ids.append(groups.setdefault(self.listing.samples[i][1], len(groups)))
+            sources = self.sources.gather([self.listing.samples[i][0] for i in self.val_indices]).float()
+            targets = torch.stack([self.targets.gather(list(c)).float().mean(0) for c in groups]) if groups else torch.empty(0)
+            self._val_data = (sources, targets, torch.tensor(ids, dtype=torch.long))
+        return self._val_data
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        if not self.val_indices:
+            return {}
+        sources, targets, ids = self._validation_tensors()
+        encoder: GlueNet = model.encoder
+        device = next(encoder.parameters()).device
+        aligned = torch.cat([encoder.translate(chunk.to(device)).float().cpu() for chunk in sources.split(64)])
+        return alignment_metrics(aligned, targets, ids)
+
+    def export(self, model: nn.Module, output_dir: Path) -> list[Path]:
+        path = Path(output_dir) / f"{self.export_settings.name}.safetensors"
+        encoder: GlueNet = model.encoder
+        metadata = {"x2i.training": json.dumps({"kind": self.kind, **self.config()}, default=str)}
+        save_gluenet(encoder, path, metadata)
+        return [path]
