@@ -153,8 +153,9 @@ def write_urbansound8k(root: Path, clips_per_fold: int = 2, folds: int = 3, rate
 # ---- point clouds with captions ------------------------------------------------------------------
 
 
-def shape_points(kind: str, seed: int, count: int = 1024) -> np.ndarray:
-    """Points on a sphere, a cube's surface, a flat disc or a thin rod, randomly scaled and rotated."""
+def shape_points(kind: str, seed: int, count: int = 1024, rotate: bool = False) -> np.ndarray:
+    """Points on a sphere, a cube's surface, a flat disc or a thin rod, randomly scaled, upright as in
+    an aligned dataset such as ShapeNet (``rotate``: a random orientation)."""
     rng = np.random.default_rng(seed)
     if kind == "sphere":
         p = rng.standard_normal((count, 3))
@@ -168,8 +169,9 @@ def shape_points(kind: str, seed: int, count: int = 1024) -> np.ndarray:
         p = np.stack([r * np.cos(a), r * np.sin(a), 0.02 * rng.standard_normal(count)], axis=1)
     else:  # rod
         p = np.stack([0.05 * rng.standard_normal(count), 0.05 * rng.standard_normal(count), rng.uniform(-1, 1, count)], axis=1)
-    q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
-    return (p @ q * rng.uniform(0.5, 2.0)).astype(np.float32)
+    if rotate:
+        p = p @ np.linalg.qr(rng.standard_normal((3, 3)))[0]
+    return (p * rng.uniform(0.5, 2.0)).astype(np.float32)
 
 
 SHAPE_CAPTIONS = {"sphere": "a round ball", "cube": "a square box", "disc": "a flat plate", "rod": "a long stick"}

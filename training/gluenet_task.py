@@ -405,12 +405,16 @@ class GlueNetTask(TrainingTask):
         A sample with several candidate prompts is scored against their mean (what MSE training
         converges to); samples sharing the same candidates share one target (a class)."""
         if self._val_data is None:
-            groups: dict[tuple[int, ...], int] = {}
+            # Grouped by the targets' texts, not their indices: two clouds captioned "a chair" share one target.
+            groups: dict[tuple[str, ...], tuple[int, ...]] = {}
             ids = []
             for i in self.val_indices:
-                ids.append(groups.setdefault(self.listing.samples[i][1], len(groups)))
+                candidates = self.listing.samples[i][1]
+                key = tuple(self.listing.target_texts[t] for t in candidates)
+                groups.setdefault(key, candidates)
+                ids.append(list(groups).index(key))
             sources = self.sources.gather([self.listing.samples[i][0] for i in self.val_indices]).float()
-            targets = torch.stack([self.targets.gather(list(c)).float().mean(0) for c in groups]) if groups else torch.empty(0)
+            targets = torch.stack([self.targets.gather(list(c)).float().mean(0) for c in groups.values()])
             self._val_data = (sources, targets, torch.tensor(ids, dtype=torch.long))
         return self._val_data
 
