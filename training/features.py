@@ -38,7 +38,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from ..weights import save_safetensors_atomic
-from .gluenet_data import AudioClip
+from .gluenet_data import AudioClip, setting
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +80,11 @@ class SingleProcess:
 class CacheSettings:
     """The ``[cache]`` section."""
 
-    dir: str = ""  # default: <output_dir>/feature_cache
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # storage: fp16 halves the disk and read traffic
-    shard_size: int = 0  # items per shard; 0: about 256 MiB per shard
-    encode_batch_size: int = 32  # items per encoder call while building
-    verify: Literal["stat", "sha256"] = "stat"  # how encoder files are identified: size+mtime, or content
+    dir: str = setting("", "where features are cached; default: <run.output_dir>/feature_cache (share it between runs)")
+    dtype: Literal["fp32", "fp16", "bf16"] = setting("fp32", "storage dtype; fp16 halves the disk and read traffic")
+    shard_size: int = setting(0, "items per shard file; 0: about 256 MiB per shard")
+    encode_batch_size: int = setting(32, "items per encoder call while the cache is built")
+    verify: Literal["stat", "sha256"] = setting("stat", "how encoder files are recognised: size + modification time, or content hash")
 
     def __post_init__(self) -> None:
         if self.shard_size < 0 or self.encode_batch_size < 1:

@@ -44,10 +44,10 @@ import io
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -90,6 +90,13 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au
 LOGGED_EXAMPLES = 5
 
 
+def setting(default: Any = None, doc: str = "", factory: Callable[[], Any] | None = None) -> Any:
+    """A config dataclass field with the help text ``train gluenet --help`` prints next to it."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
+
+
 class DataError(ValueError):
     """Training data that cannot be used as given; the message names the file, the place and the fix."""
 
@@ -98,32 +105,31 @@ class DataError(ValueError):
 class GlueNetDataSettings:
     """The ``[data]`` section of a GlueNet training config."""
 
-    modality: Modality = "text"
+    modality: Modality = setting("text", "text | audio | point_cloud: what the GlueNet translates from")
     # -- parallel text
-    source_file: str = ""  # one sentence per line in the new encoder's language (the GlueNet's input)
-    target_file: str = ""  # the same sentences, line for line, as CLIP should read them (English)
-    pairs_file: str = ""  # instead of the two files: .tsv or .jsonl holding both sides
-    tsv_columns: list[int] = field(default_factory=lambda: [0, 1])  # [source column, target column]
-    jsonl_keys: list[str] = field(default_factory=lambda: ["source", "target"])
-    on_bad_line: Literal["error", "skip"] = "error"  # undecodable UTF-8, malformed TSV/JSONL rows
+    source_file: str = setting("", "text: one sentence per line in the new encoder's language (the GlueNet's input)")
+    target_file: str = setting("", "text: the same sentences, line for line, as CLIP should read them (English)")
+    pairs_file: str = setting("", "text: instead of the two files, a .tsv or .jsonl holding both sides")
+    tsv_columns: list[int] = setting(doc="text: [source column, target column] of the .tsv", factory=lambda: [0, 1])
+    jsonl_keys: list[str] = setting(doc="text: [source key, target key] of each .jsonl line", factory=lambda: ["source", "target"])
+    on_bad_line: Literal["error", "skip"] = setting("error", "undecodable UTF-8 or malformed rows: stop with the file and line, or skip and count")
     # -- audio with class labels
-    audio_dir: str = ""  # UrbanSound8K root (metadata/UrbanSound8K.csv) or one sub-folder per class
-    train_folds: list[int] = field(default_factory=lambda: list(range(2, 11)))  # UrbanSound8K only
-    val_folds: list[int] = field(default_factory=lambda: [1])  # UrbanSound8K only; [] -> val_fraction
-    prompt_templates: list[str] = field(default_factory=lambda: list(OFFICIAL_PROMPT_TEMPLATES))
-    # Label -> synonyms used in the templates; labels not listed are used as they are (underscores as
-    # spaces). The official UrbanSound8K synonyms apply unless official_label_prompts is false.
-    label_prompts: dict[str, list[str]] = field(default_factory=dict)
-    official_label_prompts: bool = True
-    prompt_choice: Literal["random", "first"] = "random"  # official: a random prompt each time
+    audio_dir: str = setting("", "audio: an UrbanSound8K folder (metadata/UrbanSound8K.csv + audio/foldN) or one sub-folder per class")
+    train_folds: list[int] = setting(doc="audio, UrbanSound8K: folds to train on", factory=lambda: list(range(2, 11)))
+    val_folds: list[int] = setting(doc="audio, UrbanSound8K: held-out folds (GlueGen: 1); [] uses val_fraction", factory=lambda: [1])
+    prompt_templates: list[str] = setting(doc="audio: class prompt templates, '{}' is the label (default: the official six)",
+                                          factory=lambda: list(OFFICIAL_PROMPT_TEMPLATES))
+    label_prompts: dict[str, list[str]] = setting(doc="audio: {label: [synonyms]} put into the templates", factory=dict)
+    official_label_prompts: bool = setting(True, "audio: use GlueGen's synonyms for the ten UrbanSound8K classes")
+    prompt_choice: Literal["random", "first"] = setting("random", "audio: a random prompt of the class each epoch (official), or always the first")
     # -- point clouds with captions
-    point_cloud_dir: str = ""  # clouds with sidecar <name>.txt captions (one per line)
-    point_cloud_list: str = ""  # or a .csv (path,caption) / .jsonl ({"path", "caption"}) listing
-    surface_points: int = 10000  # points sampled on a mesh's surface (load_point_cloud)
+    point_cloud_dir: str = setting("", "point_cloud: a folder of clouds/meshes, each with a <name>.txt caption file (one caption per line)")
+    point_cloud_list: str = setting("", "point_cloud: or a .csv (path,caption) / .jsonl ({\"path\", \"caption\"}) listing")
+    surface_points: int = setting(10000, "point_cloud: points sampled on a mesh's surface")
     # -- split and size
-    val_fraction: float = 0.02  # share of samples (groups) held out, chosen by a seeded permutation
-    val_max_samples: int = 512  # validation metrics use at most this many held-out samples
-    max_samples: int = 0  # 0: all; else the first N usable pairs (quick experiments)
+    val_fraction: float = setting(0.02, "share of samples held out for validation (by cloud for point clouds), seeded by run.seed")
+    val_max_samples: int = setting(512, "validation metrics use at most this many held-out samples")
+    max_samples: int = setting(0, "0: all; else only the first N usable pairs (quick experiments)")
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:

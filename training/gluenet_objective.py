@@ -33,6 +33,7 @@ from torch import nn
 
 from ..gluenet import GlueNet, GlueNetConfig
 from ..gluenet.scaling import clip_tensor_norm
+from .gluenet_data import setting
 
 MeanFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,15 +42,16 @@ MeanFn = Callable[[torch.Tensor], torch.Tensor]
 class GlueNetLossSettings:
     """The ``[loss]`` section; defaults are the official ones."""
 
-    mse: bool = True
-    mse_weight: float = 1e4
-    token_weighting: bool = True  # re-weight tokens by their distance to the last token (official)
-    reconstruction: bool = True
-    reconstruction_weight: float = 1e4
-    adversarial: bool = True
-    adversarial_weight: float = 0.1
-    gradient_reversal: float = 0.1  # λ of the gradient-reversal layer in front of the discriminator
-    discriminator_target: Literal["auto", "raw", "scaled"] = "auto"  # auto: raw for text, scaled otherwise
+    mse: bool = setting(True, "the (token-weighted) MSE to CLIP's features")
+    mse_weight: float = setting(1e4, "its weight")
+    token_weighting: bool = setting(True, "weigh tokens by their distance to the last token (official)")
+    reconstruction: bool = setting(True, "a decoder must recover the source features from the GlueNet's output")
+    reconstruction_weight: float = setting(1e4, "its weight")
+    adversarial: bool = setting(True, "a token discriminator behind gradient reversal (CLIP tokens vs GlueNet tokens)")
+    adversarial_weight: float = setting(0.1, "its weight")
+    gradient_reversal: float = setting(0.1, "lambda of the gradient-reversal layer")
+    discriminator_target: Literal["auto", "raw", "scaled"] = setting(
+        "auto", "CLIP tokens the discriminator sees: auto = raw for text, scaled for sound/point clouds (as the official scripts)")
 
     def __post_init__(self) -> None:
         if not (self.mse or self.reconstruction or self.adversarial):

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 from .features import EncodeFn
-from .gluenet_data import AudioClip
+from .gluenet_data import AudioClip, setting
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,10 @@ class SourceEncoderError(ValueError):
 class SourceSettings:
     """The ``[source]`` section: the frozen encoder whose features the GlueNet translates."""
 
-    encoder: str = ""  # text: a Hugging Face folder; audio: AudioCLIP .pt or a CLAP folder; point clouds: a ULIP .pt
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # what the encoder runs in while the cache is built
-    max_length: int = 77  # text tokens (GlueGen: 77, like CLIP)
+    encoder: str = setting("", "text: a Hugging Face folder (xlm-roberta-large, t5 ...); audio: AudioCLIP-Full-Training.pt "
+                           "or a CLAP folder; point_cloud: a ULIP PointBERT .pt")
+    dtype: Literal["fp32", "fp16", "bf16"] = setting("fp32", "what the encoder runs in while the feature cache is built")
+    max_length: int = setting(77, "text: tokens per sentence (GlueGen: 77)")
 
 
 def resolve_path(value: str, base: Path | None) -> Path:

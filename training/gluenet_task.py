@@ -41,6 +41,7 @@ from .gluenet_data import (
     GlueNetListing,
     build_listing,
     hash_strings,
+    setting,
 )
 from .gluenet_objective import GlueNetLossSettings, GlueNetObjective, alignment_metrics
 from .gluenet_sources import (
@@ -80,14 +81,14 @@ OFFICIAL["point_cloud"] = OFFICIAL["audio"]
 class GlueNetModelSettings:
     """The ``[model]`` section: the GlueNet's shape and its input/output convention (0 / "auto": official)."""
 
-    architecture: Architecture = "auto"
-    out_dim: int = 768  # the target's width: SD1.x's CLIP ViT-L/14
-    mult: int = 0
-    depth: int = 5
-    token_width: int = 64  # an embedding of size E enters as E / token_width tokens (AudioCLIP: 16 x 64)
-    input_divisor: float = 0.0
-    language: str = ""  # ISO 639-1 code written into the file, used by the GlueNet Router (text)
-    encoder_hint: str = ""  # default: the source encoder's file or folder name
+    architecture: Architecture = setting("auto", "auto: translator_noln for text, translator_w_head for embeddings (official)")
+    out_dim: int = setting(768, "the target's width (SD1.x's CLIP ViT-L/14: 768)")
+    mult: int = setting(0, "MLP width multiplier; 0: 2 for text, 4 for embeddings (official)")
+    depth: int = setting(5, "mixer blocks (GlueNet-5RM: 5)")
+    token_width: int = setting(64, "an embedding of size E enters as E / token_width tokens (AudioCLIP: 1024 = 16 x 64)")
+    input_divisor: float = setting(0.0, "features are divided by this first; 0: 3 for text (XLM-R, 'over3'), 1 otherwise")
+    language: str = setting("", "ISO 639-1 code written into the file, for the GlueNet Router (text)")
+    encoder_hint: str = setting("", "the source encoder's name written into the file; default: its file or folder name")
 
     def __post_init__(self) -> None:
         for name in ("out_dim", "depth", "token_width"):
@@ -101,11 +102,11 @@ class GlueNetModelSettings:
 class GlueNetOptimSettings:
     """The ``[optim]`` section: Adam and a step schedule (0: official per modality)."""
 
-    lr: float = 0.0
-    lr_step_epochs: int = 0  # the learning rate is multiplied by lr_gamma every this many epochs
-    lr_gamma: float = 0.5
-    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
+    lr: float = setting(0.0, "Adam learning rate; 0: 1e-4 for text, 5e-5 otherwise (official)")
+    lr_step_epochs: int = setting(0, "multiply the rate by lr_gamma every this many epochs; 0: 1 for text, 5 otherwise")
+    lr_gamma: float = setting(0.5, "the step schedule's factor")
+    betas: list[float] = setting(doc="Adam betas", factory=lambda: [0.9, 0.999])
+    weight_decay: float = setting(0.0, "Adam weight decay")
 
     def __post_init__(self) -> None:
         if self.lr < 0 or self.lr_step_epochs < 0 or not 0 < self.lr_gamma <= 1 or len(self.betas) != 2:
@@ -116,7 +117,7 @@ class GlueNetOptimSettings:
 class GlueNetExportSettings:
     """The ``[export]`` section."""
 
-    name: str = "gluenet"  # writes <run.output_dir>/<name>.safetensors; copy it to ComfyUI/models/gluenet
+    name: str = setting("gluenet", "writes <run.output_dir>/<name>.safetensors; copy it to ComfyUI/models/gluenet")
 
 
 def _draw(seed: int, sample: int, epoch: int, count: int) -> int:

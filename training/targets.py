@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch, unwrap_state_dict
+from .gluenet_data import setting
 
 if TYPE_CHECKING:
     from ..encoders.text import HFTextEncoder
@@ -49,9 +50,9 @@ class TargetError(ValueError):
 class TargetSettings:
     """The ``[target]`` section: where CLIP's text encoder comes from."""
 
-    clip: str = ""  # an SD1.x checkpoint (.safetensors/.ckpt) or a Hugging Face CLIP folder
-    tokenizer: str = ""  # a CLIP tokenizer folder (vocab.json + merges.txt); default: ComfyUI's sd1_tokenizer
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # what CLIP runs in while the cache is built
+    clip: str = setting("", "an SD1.x checkpoint (.safetensors/.ckpt) or a Hugging Face CLIP folder")
+    tokenizer: str = setting("", "a CLIP tokenizer folder (vocab.json + merges.txt); default: ComfyUI's comfy/sd1_tokenizer")
+    dtype: Literal["fp32", "fp16", "bf16"] = setting("fp32", "what CLIP runs in while the feature cache is built")
 
 
 def default_tokenizer_folder(pack_root: Path | None = None) -> Path | None:
