@@ -224,7 +224,7 @@ class GlueNetTask(TrainingTask):
 
     def config(self) -> dict[str, Any]:
         cache = as_dict(self.cache)
-        for key in ("dir", "encode_batch_size", "verify"):  # where and how fast the cache is built, not what it holds
+        for key in ("dir", "encode_batch_size", "verify", "shard_size"):  # where and how the cache is built, not what it holds
             cache.pop(key)
         return {
             "data": as_dict(self.data), "source": as_dict(self.source), "target": as_dict(self.target),
