@@ -19,6 +19,7 @@ from .runtime import RunSettings, TrainingError, TrainingTask, apply_run_default
 TASKS: dict[str, tuple[str, str]] = {
     "gluenet": (".gluenet_task", "GlueNetTask"),
     "bridge": (".bridge_task", "BridgeTask"),
+    "uvit": (".uvit_task", "UViTTask"),
 }
 
 DESCRIPTION = """\
