@@ -142,3 +142,22 @@ def test_config_files_and_overrides(tmp_path: Path):
 def test_too_little_data_for_one_batch_is_a_clear_error(tmp_path: Path):
     with pytest.raises(TrainingError, match="has 96 samples, fewer than one batch of run.batch_size = 128"):
         train(ToyTask(ToySettings()), run_settings(tmp_path, batch_size=128))
+
+
+def test_the_cli_applies_a_kinds_own_run_defaults_under_the_users_values():
+    def resolved(*overrides: str) -> dict:
+        args = [sys.executable, str(HERE.parent), "train", "gluenet", "--print-config", "--set", "run.output_dir=out",
+                "--set", "source.encoder=enc", "--set", "target.clip=clip.safetensors"]
+        for override in overrides:
+            args += ["--set", override]
+        child = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(child.stdout)["run"]
+
+    # GlueGen's official recipes: text 4 epochs of batch 32, sound 10 epochs of batch 8.
+    assert (resolved()["epochs"], resolved()["batch_size"]) == (4, 32)
+    sound = resolved("data.modality=audio", "data.audio_dir=sounds")
+    assert (sound["epochs"], sound["batch_size"]) == (10, 8)
+    assert resolved("data.modality=audio", "data.audio_dir=sounds", "run.batch_size=64")["batch_size"] == 64
+    child = subprocess.run([sys.executable, str(HERE.parent), "train", "gluenet", "--set", "run.output_dir=o", "--set", "modle.depth=3"],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 2 and "unknown section(s) [modle]" in child.stderr

@@ -1,4 +1,4 @@
-"""The pack's trainers: GlueNets and LaVi-Bridges from one machine to many GPUs.
+"""The pack's trainers: GlueNets, LaVi-Bridges and U-ViTs, from one machine to many GPUs.
 
     python path/to/ComfyUI-X2I train gluenet --config my_gluenet.toml
     torchrun --nproc_per_node 8 path/to/ComfyUI-X2I train bridge --config my_bridge.toml

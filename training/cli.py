@@ -23,11 +23,12 @@ TASKS: dict[str, tuple[str, str]] = {
 }
 
 DESCRIPTION = """\
-Train an adapter that this pack's ComfyUI nodes load.
+Train a model that this pack's ComfyUI nodes load.
 
   gluenet   a GlueNet: translates a new encoder's features (multilingual/T5 text, AudioCLIP/CLAP sound,
             ULIP point clouds) into Stable Diffusion's CLIP text space (GlueGen)
   bridge    a LaVi-Bridge: adapter + LoRA joining a language model (T5, Llama) to an SD1.x U-Net or PixArt
+  uvit      an intermediate-fusion U-ViT text-to-image model (CLIP ViT-L/14 text, SD's KL-f8 latents)
 
 Settings come from a TOML or JSON file of sections ([run], [data], [model] …) and --set overrides.
 `train <kind> --help` lists every setting of that kind with its default.
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().parse_args(argv[:1])  # exits with argparse's "invalid choice" message
     cls = task_class(kind)
     sections = dict(cls.SECTIONS)
-    args = _parser(kind, describe_sections(sections, dict(cls.RUN_DEFAULTS))).parse_args(argv[1:])
+    args = _parser(kind, describe_sections(sections, cls.run_defaults({}))).parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         raw = load_config(args.config, args.overrides)
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"unknown section(s) {', '.join(f'[{u}]' for u in unknown)}; {kind} reads "
                               + ", ".join(f"[{s}]" for s in ("run", *sections)))
-        raw["run"] = apply_run_defaults(raw.get("run", {}), cls.RUN_DEFAULTS)
+        raw["run"] = apply_run_defaults(raw.get("run", {}), cls.run_defaults(raw))
         settings = section(raw, "run", RunSettings)
         task = cls.from_config(raw)
         if args.print_config:

@@ -174,6 +174,11 @@ class TrainingTask(abc.ABC):
     # Defaults this kind applies to [run] under the user's own values (e.g. the official grad clip).
     RUN_DEFAULTS: Mapping[str, Any] = {}
 
+    @classmethod
+    def run_defaults(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """[run] defaults for this config (a kind may vary them, e.g. by modality)."""
+        return dict(cls.RUN_DEFAULTS)
+
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
         """The task's resolved config: saved in checkpoints and outputs, compared on resume."""
@@ -573,6 +578,9 @@ def _train(task: TrainingTask, settings: RunSettings, dist: Distributed, output_
             )
     seed_everything(settings.seed, dist.rank)
     task.prepare(dist, log)
+    # Again: whether prepare() ran encoders (cache built) or not (cache reused) must not change the
+    # initial weights.
+    seed_everything(settings.seed, dist.rank)
     if dist.is_main:
         log.info("data: %s", json.dumps(task.describe(), default=str))
     dataset = task.train_dataset()
