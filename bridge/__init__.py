@@ -1,6 +1,7 @@
 """LaVi-Bridge: a language model (T5, Llama) bridged to a diffusion model (SD1.x U-Net, PixArt) by an
-adapter and LoRA in both models. This package reads the released files and reproduces the official
-text features; the ComfyUI nodes (``nodes/lavibridge.py``) wrap it."""
+adapter and LoRA in both models. This package reads the released files, reads and writes this pack's
+trained bridge file (``trained.py``) and reproduces the official text features; the ComfyUI nodes
+(``nodes/lavibridge.py``) wrap it."""
 
 from .adapter import RELEASED_ADAPTERS, TextAdapter, TextAdapterConfig, check_widths, load_adapter
 from .errors import LaViBridgeFileError
@@ -23,6 +24,14 @@ from .lora import (
     text_lora_targets,
     unet_lora_targets,
 )
+from .trained import (
+    TrainedBridge,
+    is_trained_bridge_file,
+    load_trained_bridge,
+    read_trained_bridge_metadata,
+    save_trained_bridge,
+    write_released_layout,
+)
 
 __all__ = [
     "OFFICIAL_PROMPT_SUFFIX",
@@ -32,18 +41,24 @@ __all__ = [
     "LoraTarget",
     "TextAdapter",
     "TextAdapterConfig",
+    "TrainedBridge",
     "UNetStructure",
     "attended_tokens",
     "check_widths",
     "encode_for_bridge",
     "encode_prompt_for_bridge",
+    "is_trained_bridge_file",
     "load_adapter",
     "load_language_model",
+    "load_trained_bridge",
     "lora_delta",
     "map_lora_pairs",
     "merged_state",
     "pixart_lora_targets",
     "read_lora_pairs",
+    "read_trained_bridge_metadata",
+    "save_trained_bridge",
     "text_lora_targets",
     "unet_lora_targets",
+    "write_released_layout",
 ]

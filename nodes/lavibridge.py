@@ -1,14 +1,18 @@
 """LaVi-Bridge: a language model joins the user's own SD1.x or PixArt MODEL through an adapter plus LoRA in both.
 
-The U-Net LoRA becomes ordinary ModelPatcher patches on a clone of the MODEL, so every sampler,
-other LoRAs and ControlNet keep working and the weights are merged once (no per-step cost); the
-language-model LoRA is patched onto a clone of the language model the same way.
+A bridge is a released folder (``models/lavi_bridge/<name>/`` with ``lora_vis.pt``, ``lora_text.pt``,
+``adapter/``) or a ``.safetensors`` file written by this pack's bridge trainer (``bridge/trained.py``:
+named LoRA tensors, the adapter and the recipe in one file). The U-Net LoRA becomes ordinary
+ModelPatcher patches on a clone of the MODEL, so every sampler, other LoRAs and ControlNet keep
+working and the weights are merged once (no per-step cost); the language-model LoRA is patched onto a
+clone of the language model the same way (a trained bridge without one leaves the language model as is).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +27,22 @@ from comfy_api.latest import io
 
 from ..bridge import (
     RELEASED_ADAPTERS,
+    LaViBridgeFileError,
     LaViBridgeRecipe,
+    TextAdapter,
     check_widths,
     encode_prompt_for_bridge,
+    is_trained_bridge_file,
     load_adapter,
+    load_trained_bridge,
     map_lora_pairs,
     pixart_lora_targets,
     read_lora_pairs,
+    read_trained_bridge_metadata,
     text_lora_targets,
     unet_lora_targets,
 )
-from ..bridge.lora import SD1_UNET, named_lora_state_dict
+from ..bridge.lora import SD1_UNET, LoraPair, named_lora_state_dict
 from ..encoders import HFTextEncoder
 from .common import (
     CATEGORY,
@@ -50,6 +59,13 @@ BridgeType = io.Custom("X2I_BRIDGE")
 PIXART_CONTEXT_DIM = 4096  # T5-XXL width that PixArt's frozen caption projection expects
 PIXART_ALPHA_CAPTION_TOKENS = 120  # PixArt-α's y_embedding length (PixArt-Σ: 300)
 QUALITY_SUFFIX_TOOLTIP = "Append the official ', best quality, extremely detailed, 4k resolution' to the prompt."
+TRAINED_BRIDGE_SUFFIX = ".safetensors"
+BRIDGE_NAME_TOOLTIP = (
+    "A released LaVi-Bridge folder (lora_vis.pt, lora_text.pt, adapter/) or a trained .safetensors bridge "
+    "from this pack's bridge trainer, in models/lavi_bridge."
+)
+# What a trained file's ``diffusion_model`` metadata names, for messages.
+DIFFUSION_MODEL_NAMES = {"sd1": "an SD1.x U-Net (768-wide text context)", "pixart": "PixArt-XL-2"}
 
 
 @dataclass(frozen=True)
@@ -61,20 +77,74 @@ class LoadedBridge:
     recipe: LaViBridgeRecipe
 
 
-def _bridge_folders() -> list[str]:
+def _bridge_names() -> list[str]:
+    """Released folders (with ``adapter/``) and trained bridge files (checked by their metadata only)."""
     found = set()
     for root in folder_paths.get_folder_paths(LAVI_BRIDGE_FOLDER):
-        if os.path.isdir(root):
-            found.update(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name, "adapter")))
+        if not os.path.isdir(root):
+            continue
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if os.path.isdir(os.path.join(path, "adapter")):
+                found.add(name)
+            elif name.endswith(TRAINED_BRIDGE_SUFFIX) and os.path.isfile(path) and is_trained_bridge_file(path):
+                found.add(name)
     return sorted(found)
 
 
 def _resolve_bridge(name: str) -> Path:
+    """The released folder or the trained ``.safetensors`` file called ``name`` in models/lavi_bridge."""
     for root in folder_paths.get_folder_paths(LAVI_BRIDGE_FOLDER):
-        folder = Path(root) / name
-        if (folder / "adapter").is_dir():
-            return folder
-    raise FileNotFoundError(f"LaVi-Bridge folder '{name}' (with an adapter/ subfolder) not found in models/{LAVI_BRIDGE_FOLDER}")
+        path = Path(root) / name
+        if (name.endswith(TRAINED_BRIDGE_SUFFIX) and path.is_file()) or (path / "adapter").is_dir():
+            return path
+    raise FileNotFoundError(
+        f"LaVi-Bridge '{name}' not found in models/{LAVI_BRIDGE_FOLDER}: it takes released folders (with an adapter/ "
+        f"subfolder) and trained {TRAINED_BRIDGE_SUFFIX} bridge files"
+    )
+
+
+@dataclass(frozen=True)
+class _BridgeParts:
+    """What a released folder or a trained file gives the loader: the recipe, the adapter, and the LoRA
+    pairs in the official positional order (``text_pairs`` empty: no language-model LoRA)."""
+
+    recipe: LaViBridgeRecipe
+    adapter: TextAdapter
+    family: str
+    vision_pairs: Sequence[LoraPair]
+    text_pairs: Sequence[LoraPair]
+    vision_source: str
+    text_source: str
+    diffusion_model: str | None = None  # a trained file's "sd1" / "pixart"; None: implied by the recipe
+
+
+def _released_parts(folder: Path, name: str) -> _BridgeParts:
+    adapter = load_adapter(folder / "adapter")
+    recipe = _recipe_of(folder, adapter)
+    return _BridgeParts(
+        recipe=recipe,
+        adapter=adapter,
+        family="llama" if recipe == LaViBridgeRecipe.LLAMA2_UNET else "t5",
+        vision_pairs=read_lora_pairs(folder / "lora_vis.pt"),
+        text_pairs=read_lora_pairs(folder / "lora_text.pt"),
+        vision_source=f"{name}/lora_vis.pt",
+        text_source=f"{name}/lora_text.pt",
+    )
+
+
+def _trained_parts(path: Path, name: str) -> _BridgeParts:
+    bridge = load_trained_bridge(path)  # adapter in fp32, eval, frozen
+    return _BridgeParts(
+        recipe=bridge.recipe,
+        adapter=bridge.adapter,
+        family=bridge.language_model_family,
+        vision_pairs=bridge.vision_pairs(),
+        text_pairs=bridge.text_pairs(),
+        vision_source=f"{name} (vision LoRA)",
+        text_source=f"{name} (text LoRA)",
+        diffusion_model=bridge.diffusion_model,
+    )
 
 
 def _recipe_of(folder: Path, adapter) -> LaViBridgeRecipe:
@@ -91,13 +161,42 @@ def _recipe_of(folder: Path, adapter) -> LaViBridgeRecipe:
     )
 
 
+def _diffusion_kind(model) -> str | None:
+    """``"pixart"``, ``"sd1"`` (an SD1.x U-Net: 768-wide context), or None for any other MODEL."""
+    unet_config = model.model.model_config.unet_config
+    if str(unet_config.get("image_model", "")).startswith("pixart"):
+        return "pixart"
+    if unet_config.get("context_dim") == SD1_UNET.cross_attention_dim and "num_res_blocks" in unet_config:
+        return "sd1"
+    return None
+
+
+def _describe_model(model) -> str:
+    kind = _diffusion_kind(model)
+    if kind:
+        return f"{DIFFUSION_MODEL_NAMES[kind]} ({type(model.model).__name__})"
+    return f"{type(model.model).__name__} with context width {model.model.model_config.unet_config.get('context_dim')}"
+
+
+def _check_trained_for(model, name: str, parts: _BridgeParts) -> None:
+    """A trained file says which diffusion model it was trained for: refuse any other, naming both."""
+    kind = _diffusion_kind(model)
+    if parts.diffusion_model is not None and kind != parts.diffusion_model:
+        wanted = DIFFUSION_MODEL_NAMES.get(parts.diffusion_model, parts.diffusion_model)
+        raise LaViBridgeFileError(
+            f"{name} is a LaVi-Bridge trained for {wanted} (diffusion_model '{parts.diffusion_model}', recipe "
+            f"{parts.recipe.value}), but the connected MODEL is {_describe_model(model)}: connect a "
+            f"{'PixArt' if parts.diffusion_model == 'pixart' else 'SD1.x'} checkpoint or pick a bridge trained for this MODEL"
+        )
+
+
 def _vision_side(model, recipe: LaViBridgeRecipe) -> tuple[list, dict, int]:
     """(LoRA targets in the official order, diffusers name -> ComfyUI weight key, text context width) of
     the connected MODEL, through ComfyUI's own key converters (PixArt's fused qkv / kv as offsets)."""
     unet_config = model.model.model_config.unet_config
-    is_pixart = str(unet_config.get("image_model", "")).startswith("pixart")
+    kind = _diffusion_kind(model)
     if recipe == LaViBridgeRecipe.T5_TRANSFORMER:
-        if not is_pixart:
+        if kind != "pixart":
             raise ValueError(
                 f"{recipe.value} bridges T5 to PixArt-XL-2, but the connected MODEL is {type(model.model).__name__}: "
                 "connect a PixArt checkpoint (or use t5_unet / llama2_unet with SD1.x)"
@@ -105,7 +204,7 @@ def _vision_side(model, recipe: LaViBridgeRecipe) -> tuple[list, dict, int]:
         targets = pixart_lora_targets(unet_config.get("depth", 28), unet_config.get("hidden_size", 1152))
         converted = comfy.utils.pixart_to_diffusers(unet_config, output_prefix="diffusion_model.")
         return targets, {k[: -len(".weight")]: v for k, v in converted.items() if k.endswith(".weight")}, PIXART_CONTEXT_DIM
-    if is_pixart or unet_config.get("context_dim") != SD1_UNET.cross_attention_dim or "num_res_blocks" not in unet_config:
+    if kind != "sd1":
         raise ValueError(
             f"{recipe.value} is for SD1.x U-Nets (768-wide text context), but the connected MODEL is "
             f"{type(model.model).__name__} with context width {unet_config.get('context_dim')}: connect an SD1.x checkpoint"
@@ -147,12 +246,13 @@ class X2ILaViBridgeLoader(io.ComfyNode):
             node_id="X2ILaViBridgeLoader",
             display_name="X2I LaVi-Bridge Loader",
             category=f"{CATEGORY}/loaders",
-            description="Applies a LaVi-Bridge (models/lavi_bridge/<name>/ with lora_vis.pt, lora_text.pt, adapter/) "
-            "to your SD1.x or PixArt MODEL and to the language model. The MODEL keeps working with every sampler, LoRA and ControlNet.",
+            description="Applies a LaVi-Bridge (a released folder models/lavi_bridge/<name>/ with lora_vis.pt, lora_text.pt, "
+            "adapter/, or a trained .safetensors bridge from this pack's bridge trainer) to your SD1.x or PixArt MODEL "
+            "and to the language model. The MODEL keeps working with every sampler, LoRA and ControlNet.",
             inputs=[
                 io.Model.Input("model"),
                 X2IEncoder.Input("language_model"),
-                io.Combo.Input("bridge_name", options=_bridge_folders()),
+                io.Combo.Input("bridge_name", options=_bridge_names(), tooltip=BRIDGE_NAME_TOOLTIP),
                 io.Float.Input("unet_strength", default=1.0, min=-4.0, max=4.0, step=0.05),
                 io.Float.Input("text_strength", default=1.0, min=-4.0, max=4.0, step=0.05),
             ],
@@ -162,31 +262,38 @@ class X2ILaViBridgeLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, bridge_name: str, unet_strength: float, text_strength: float, **_) -> bool | str:
         try:
-            folder = _resolve_bridge(bridge_name)
+            path = _resolve_bridge(bridge_name)
         except FileNotFoundError as exc:
             return str(exc)
-        missing = [name for name in ("lora_vis.pt", "lora_text.pt") if not (folder / name).is_file()]
+        if path.is_file():
+            try:
+                read_trained_bridge_metadata(path)  # metadata only: says what the file is when it is no bridge
+            except LaViBridgeFileError as exc:
+                return str(exc)
+            return True
+        missing = [name for name in ("lora_vis.pt", "lora_text.pt") if not (path / name).is_file()]
         return f"{bridge_name} lacks {' and '.join(missing)}: copy the whole released folder" if missing else True
 
     @classmethod
     def execute(cls, model, language_model, bridge_name: str, unet_strength: float, text_strength: float) -> io.NodeOutput:
-        folder = _resolve_bridge(bridge_name)
+        path = _resolve_bridge(bridge_name)
         lm: HFTextEncoder = encoder_with(language_model, "encode", "X2I Language Model Loader")
-        adapter = load_adapter(folder / "adapter")
-        recipe = _recipe_of(folder, adapter)
-        targets, key_map, context_dim = _vision_side(model, recipe)
-        check_widths(adapter, lm.hidden_size, context_dim)
-        vision_pairs = map_lora_pairs(read_lora_pairs(folder / "lora_vis.pt"), targets, f"{bridge_name}/lora_vis.pt")
+        parts = _trained_parts(path, bridge_name) if path.is_file() else _released_parts(path, bridge_name)
+        _check_trained_for(model, bridge_name, parts)
+        targets, key_map, context_dim = _vision_side(model, parts.recipe)
+        check_widths(parts.adapter, lm.hidden_size, context_dim)
+        vision_pairs = map_lora_pairs(parts.vision_pairs, targets, parts.vision_source)
         bridged_model = _patched(model, vision_pairs, key_map, unet_strength)
-        if recipe == LaViBridgeRecipe.T5_TRANSFORMER:
+        if parts.recipe == LaViBridgeRecipe.T5_TRANSFORMER:
             _pixart_alpha_latents(bridged_model)
-        family = "llama" if recipe == LaViBridgeRecipe.LLAMA2_UNET else "t5"
-        text_pairs = map_lora_pairs(
-            read_lora_pairs(folder / "lora_text.pt"), text_lora_targets(lm.transformer, family), f"{bridge_name}/lora_text.pt"
-        )
-        text_keys = {name: f"transformer.{name}.weight" for name in text_pairs}
-        bridged_lm = _patched(language_model, text_pairs, text_keys, text_strength)
-        bridge = LoadedBridge(bridged_lm, encoder_patcher(adapter), recipe)
+        if parts.text_pairs:
+            text_pairs = map_lora_pairs(parts.text_pairs, text_lora_targets(lm.transformer, parts.family), parts.text_source)
+            text_keys = {name: f"transformer.{name}.weight" for name in text_pairs}
+            bridged_lm = _patched(language_model, text_pairs, text_keys, text_strength)
+        else:
+            logger.info("LaVi-Bridge %s has no language-model LoRA: the language model is used as it is", bridge_name)
+            bridged_lm = language_model
+        bridge = LoadedBridge(bridged_lm, encoder_patcher(parts.adapter), parts.recipe)
         return io.NodeOutput(bridged_model, bridge)
 
 

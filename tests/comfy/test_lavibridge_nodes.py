@@ -224,3 +224,138 @@ def test_released_pixart_512_layout_loads_bridges_and_gets_its_sd_latent_scale(p
     assert isinstance(bridged.model.latent_format, latent_formats.SD15)
     mm.unload_all_models()
     assert isinstance(model.model.latent_format, latent_formats.SDXL)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trained bridges: this pack's .safetensors bridge file (bridge/trained.py), next to the released folders
+
+
+def _random_lora(targets, rank: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return {t.name: tuple(torch.randn(shape, generator=g) * 0.02 for shape in t.pair_shapes(rank)) for t in targets}
+
+
+@pytest.fixture(scope="module")
+def trained_files(comfy, bridge_files, tiny_t5, small_text_gluenet_ckpt):
+    """Bridge files as the trainer exports them (diffusers / transformers module names in the official
+    order, rank 8, fp16 LoRA, fp32 adapter), a GlueNet and a broken file in models/lavi_bridge."""
+    from x2i.bridge import TextAdapter, TextAdapterConfig, pixart_lora_targets, save_trained_bridge, text_lora_targets
+    from x2i.gluenet.convert import convert
+
+    folder = comfy["models"] / "lavi_bridge"
+    t5 = T5EncoderModel.from_pretrained(tiny_t5)
+    text = _random_lora(text_lora_targets(t5, "t5"), 8, seed=11)
+    torch.manual_seed(12)
+    sd1 = {"recipe": "t5_unet", "diffusion_model": "sd1", "adapter": TextAdapter(TextAdapterConfig(t5.config.d_model, 64, 768)),
+           "vision_lora": _random_lora(unet_lora_targets(), 8, seed=13), "context_dim": 768, "language_model": "t5-tiny"}
+    files = {
+        "sd1": save_trained_bridge(folder / "t5_sd15_trained.safetensors", text_lora=text, **sd1),
+        "vision_only": save_trained_bridge(folder / "t5_sd15_vision_only.safetensors", text_lora={}, **sd1),
+        "pixart": save_trained_bridge(
+            folder / "t5_pixart_trained.safetensors", recipe="t5_transformer", diffusion_model="pixart",
+            adapter=TextAdapter(TextAdapterConfig(t5.config.d_model, 64, 4096)), vision_lora=_random_lora(pixart_lora_targets(), 8, seed=14),
+            text_lora=text, context_dim=4096,
+        ),
+        "gluenet": folder / "gluenet_fr.safetensors",
+        "broken": folder / "broken.safetensors",
+    }
+    convert(small_text_gluenet_ckpt, files["gluenet"])
+    files["broken"].write_bytes(b"not a safetensors file")
+    return files
+
+
+def test_trained_bridge_files_are_listed_next_to_released_folders(pack, sd15_model, trained_files):
+    from x2i.bridge import LaViBridgeFileError
+
+    loader = pack.X2ILaViBridgeLoader
+    options = loader.define_schema().inputs[2].options
+    assert {"t5_unet", "t5_sd15_trained.safetensors", "t5_sd15_vision_only.safetensors", "t5_pixart_trained.safetensors"} <= set(options)
+    assert "gluenet_fr.safetensors" not in options and "broken.safetensors" not in options
+    for name in ("t5_sd15_trained.safetensors", "t5_pixart_trained.safetensors", "t5_unet"):
+        assert loader.validate_inputs(name, 1.0, 1.0) is True
+    message = loader.validate_inputs("gluenet_fr.safetensors", 1.0, 1.0)
+    assert "not a LaVi-Bridge file of this pack" in message and "X2I GlueNet Loader" in message
+    assert "not a readable safetensors file" in loader.validate_inputs("broken.safetensors", 1.0, 1.0)
+    assert "not found in models/lavi_bridge" in loader.validate_inputs("missing.safetensors", 1.0, 1.0)
+    lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
+    with pytest.raises(LaViBridgeFileError, match="looks like a GlueNet of this pack"):  # a graph sent past validation
+        loader.execute(sd15_model, lm, "gluenet_fr.safetensors", 1.0, 1.0)
+
+
+def test_trained_sd1_bridge_patches_merge_exactly_and_conditioning_is_the_trained_path(pack, comfy, sd15_model, trained_files):
+    import comfy.model_management as mm
+
+    from x2i.bridge import load_trained_bridge, map_lora_pairs, merged_state, text_lora_targets
+
+    lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
+    before = {k: v.clone() for k, v in sd15_model.model.diffusion_model.state_dict().items()}
+    bridged, bridge = pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_sd15_trained.safetensors", 0.7, 1.0).result
+    assert bridged is not sd15_model and len(bridged.patches) == 224 and bridge.recipe == LaViBridgeRecipe.T5_UNET
+    trained = load_trained_bridge(trained_files["sd1"])
+    targets = unet_lora_targets()
+    mm.load_models_gpu([bridged])
+    after = bridged.model.diffusion_model.state_dict()
+    checks = {
+        5: "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",  # down_blocks.0...attn2.to_k
+        len(targets) - 1: "middle_block.2.out_layers.3.weight",  # mid_block.resnets.1.conv2
+    }
+    for index, key in checks.items():
+        up, down = (t.float() for t in trained.vision_lora[targets[index].name])  # by name: the file's order is the official one
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(before[key].shape)
+        torch.testing.assert_close(after[key], before[key] + 0.7 * delta, atol=1e-6, rtol=1e-5)
+    mm.unload_all_models()
+    torch.testing.assert_close(sd15_model.model.diffusion_model.state_dict()[checks[5]], before[checks[5]])
+
+    prompt = "a red cube on a blue sphere"
+    assert len(bridge.language_model.patches) == len(trained.text_lora)
+    (conditioning,) = pack.X2ILaViBridgeTextEncode.execute(bridge, prompt, False).result
+    tokens = conditioning[0][0]
+    assert tokens.shape == (1, 77, 768)
+    _, plain = pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_sd15_trained.safetensors", 0.7, 0.0).result
+    (unpatched,) = pack.X2ILaViBridgeTextEncode.execute(plain, prompt, False).result
+    assert (tokens - unpatched[0][0]).abs().max() > 1e-3  # the text LoRA is really applied
+    mm.unload_all_models()
+    # Reference: a fresh T5 with the file's text LoRA merged (W + up @ down), official features, the file's adapter.
+    t5 = T5EncoderModel.from_pretrained(comfy["models"] / "text_encoders" / "t5-large")
+    text = map_lora_pairs(trained.text_pairs(), text_lora_targets(t5, "t5"))
+    t5.load_state_dict(merged_state(t5.state_dict(), text), strict=False)
+    features, _ = encode_for_bridge(LaViBridgeRecipe.T5_UNET, t5, lm.model.tokenizer, [prompt])
+    with torch.no_grad():
+        torch.testing.assert_close(tokens, trained.adapter(features), atol=1e-5, rtol=1e-5)
+
+
+def test_trained_bridge_without_text_lora_leaves_the_language_model_alone(pack, sd15_model, trained_files):
+    from x2i.bridge import load_trained_bridge
+
+    lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
+    bridged, bridge = pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_sd15_vision_only.safetensors", 1.0, 1.0).result
+    assert len(bridged.patches) == 224
+    assert bridge.language_model is lm and not lm.patches
+    (conditioning,) = pack.X2ILaViBridgeTextEncode.execute(bridge, "a cat", False).result
+    features, _ = encode_for_bridge(LaViBridgeRecipe.T5_UNET, lm.model, lm.model.tokenizer, ["a cat"])
+    with torch.no_grad():
+        torch.testing.assert_close(conditioning[0][0], load_trained_bridge(trained_files["vision_only"]).adapter(features),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_trained_bridge_for_another_diffusion_model_is_refused(pack, sd15_model, pixart_model, trained_files):
+    import comfy.model_management as mm
+
+    from x2i.bridge import LaViBridgeFileError, load_trained_bridge, pixart_lora_targets
+
+    lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
+    with pytest.raises(LaViBridgeFileError, match=r"t5_pixart_trained.safetensors is a LaVi-Bridge trained for PixArt-XL-2 "
+                       r"\(diffusion_model 'pixart'.*connected MODEL is an SD1.x U-Net"):
+        pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_pixart_trained.safetensors", 1.0, 1.0)
+    with pytest.raises(LaViBridgeFileError, match=r"trained for an SD1.x U-Net .*diffusion_model 'sd1'.*connected MODEL is PixArt-XL-2"):
+        pack.X2ILaViBridgeLoader.execute(pixart_model, lm, "t5_sd15_trained.safetensors", 1.0, 1.0)
+    # On PixArt the same file lands on ComfyUI's fused qkv / kv weights.
+    before = pixart_model.model.diffusion_model.state_dict()["blocks.3.attn.qkv.weight"].clone()
+    bridged, bridge = pack.X2ILaViBridgeLoader.execute(pixart_model, lm, "t5_pixart_trained.safetensors", 0.5, 1.0).result
+    assert len(bridged.patches) == 5 * 28 and bridge.recipe == LaViBridgeRecipe.T5_TRANSFORMER
+    up, down = (t.float() for t in load_trained_bridge(trained_files["pixart"]).vision_lora["transformer_blocks.3.attn1.to_k"])
+    assert "transformer_blocks.3.attn1.to_k" in [t.name for t in pixart_lora_targets()]
+    mm.load_models_gpu([bridged])
+    after = bridged.model.diffusion_model.state_dict()["blocks.3.attn.qkv.weight"]
+    torch.testing.assert_close(after[1152:2304], before[1152:2304] + 0.5 * (up @ down), atol=1e-6, rtol=1e-5)
+    mm.unload_all_models()
