@@ -9,10 +9,13 @@ corrupt file behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -72,6 +75,33 @@ def state_dict_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str
     ]
     details = "; ".join(part for part in parts if part)
     return details or None
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def config_from_json(cls: type[ConfigT], text: str | Mapping[str, Any], error: type[Exception], what: str) -> ConfigT:
+    """A config dataclass (with an ``extra`` dict field) from the JSON this pack writes into file metadata.
+
+    Fields a newer version added are kept in ``extra`` rather than dropped or guessed at, so an older
+    pack still loads the file and can say what it does not know."""
+    if isinstance(text, str):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise error(f"{what} metadata is not valid JSON: {exc}") from exc
+    else:
+        raw = dict(text)
+    if not isinstance(raw, dict):
+        raise error(f"{what} metadata must be a JSON object")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raw = {k: v for k, v in raw.items() if k in known} | {"extra": {**raw.get("extra", {}), **{k: raw[k] for k in unknown}}}
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise error(f"{what} metadata is incomplete: {exc}") from exc
 
 
 def _current_umask() -> int:

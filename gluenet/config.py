@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from ..weights import config_from_json
 
 Architecture = Literal["translator", "translator_noln", "translator_w_head", "translator_attn"]
 ARCHITECTURES: tuple[str, ...] = ("translator", "translator_noln", "translator_w_head", "translator_attn")
@@ -84,18 +86,4 @@ class GlueNetConfig:
 
     @classmethod
     def from_json(cls, text: str) -> GlueNetConfig:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GlueNetConfigError(f"GlueNet config metadata is not valid JSON: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise GlueNetConfigError("GlueNet config metadata must be a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            # Newer files may carry fields this version does not know; keep them, do not guess.
-            raw = {k: v for k, v in raw.items() if k in known} | {"extra": {**raw.get("extra", {}), **{k: raw[k] for k in unknown}}}
-        try:
-            return cls(**raw)
-        except TypeError as exc:
-            raise GlueNetConfigError(f"GlueNet config metadata is incomplete: {exc}") from exc
+        return config_from_json(cls, text, GlueNetConfigError, "GlueNet config")

@@ -465,13 +465,11 @@ def write_pixart_lora_vis(folder: Path, depth: int, seed: int = 0, rank: int = 3
     return folder / "lora_vis.pt"
 
 
-def write_vae_from_checkpoint(checkpoint: Path, target: Path) -> Path:
-    """The ``first_stage_model.*`` part of an SD single-file checkpoint as a standalone VAE file (the
-    layout of ``vae-ft-ema-560000-ema-pruned.safetensors``)."""
+def write_part_of_checkpoint(checkpoint: Path, target: Path, prefix: str) -> Path:
+    """The ``prefix*`` tensors of an SD single-file checkpoint, prefix removed, as a standalone file."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    prefix = "first_stage_model."
     with safe_open(str(checkpoint), framework="pt") as handle:
         tensors = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
     if not tensors:
@@ -479,3 +477,14 @@ def write_vae_from_checkpoint(checkpoint: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(target))
     return target
+
+
+def write_vae_from_checkpoint(checkpoint: Path, target: Path) -> Path:
+    """SD's VAE as a standalone file (the layout of ``vae-ft-ema-560000-ema-pruned.safetensors``)."""
+    return write_part_of_checkpoint(checkpoint, target, "first_stage_model.")
+
+
+def write_clip_from_checkpoint(checkpoint: Path, target: Path) -> Path:
+    """SD1.x's CLIP ViT-L/14 text tower as a standalone file (``clip_l.safetensors``'s ``text_model.*``
+    layout, which Load CLIP reads with type stable_diffusion)."""
+    return write_part_of_checkpoint(checkpoint, target, "cond_stage_model.transformer.")

@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from ..weights import config_from_json
+
 Fusion = Literal["early", "intermediate"]
 Conditioning = Literal["concat", "cross"]
 FUSIONS: tuple[str, ...] = ("early", "intermediate")
@@ -149,25 +151,11 @@ class UViTConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> UViTConfig:
-        if not isinstance(raw, dict):
-            raise UViTConfigError("U-ViT config must be a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            # Newer files may carry fields this version does not know; keep them, do not guess.
-            raw = {k: v for k, v in raw.items() if k in known} | {"extra": {**raw.get("extra", {}), **{k: raw[k] for k in unknown}}}
-        try:
-            return cls(**raw)
-        except TypeError as exc:
-            raise UViTConfigError(f"U-ViT config is incomplete: {exc}") from exc
+        return config_from_json(cls, raw, UViTConfigError, "U-ViT config")
 
     @classmethod
     def from_json(cls, text: str) -> UViTConfig:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UViTConfigError(f"U-ViT config metadata is not valid JSON: {exc}") from exc
-        return cls.from_dict(raw)
+        return config_from_json(cls, text, UViTConfigError, "U-ViT config")
 
 
 # The paper's Table 1 settings and the two ablations of its Table 4 (cross-attention, [N_text, N_image]).

@@ -15,11 +15,9 @@ import pytest
 import torch
 from comfy_harness import WORKFLOWS_DIR, ComfyServer, shipped_workflow_prompt
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from x2i.uvit import UViT, UViTConfig, save_uvit
-from x2i_testing import write_vae_from_checkpoint
+from x2i_testing import write_clip_from_checkpoint, write_vae_from_checkpoint
 
 UVIT_WORKFLOW = "uvit_text_to_image.json"
 BLOCK_WORKFLOW = "block_conditioning_sd15.json"
@@ -31,19 +29,6 @@ TEST_SIZE = 64  # pixels; the tiny U-ViT's 8×8 latents
 # Heads = width // 64 and 77 tokens x 768: what the released models have.
 TINY_UVIT = UViTConfig("cross", "intermediate", n_image=1, n_text=1, image_size=TEST_SIZE // 8, width=128, depth=4, heads=2)
 LONG_PROMPT = " ".join(["a red double-decker bus driving down a wet city street at dusk next to tall glass buildings"] * 6)
-
-
-def write_clip_from_checkpoint(checkpoint: Path, target: Path) -> Path:
-    """The CLIP ViT-L/14 text tower of an SD1.x checkpoint as a standalone file (``clip_l.safetensors``'s
-    ``text_model.*`` layout, which Load CLIP reads with type stable_diffusion)."""
-    prefix = "cond_stage_model.transformer."
-    with safe_open(str(checkpoint), framework="pt") as handle:
-        tensors = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
-    if not tensors:
-        raise ValueError(f"{checkpoint} has no {prefix}* keys")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(target))
-    return target
 
 
 @pytest.fixture(scope="session")
