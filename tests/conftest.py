@@ -17,6 +17,16 @@ from x2i_testing import (
 TINY_XLMR_HIDDEN = 64
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a shared 2-core machine two spinning threads per process run several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_xlmr(tmp_path_factory) -> Path:
     """A tiny XLM-Roberta folder (hidden 64) written with save_pretrained."""

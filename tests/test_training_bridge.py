@@ -20,14 +20,8 @@ from x2i.bridge.trained import load_trained_bridge
 from x2i.training import ConfigError, Distributed, RunSettings, train
 from x2i.training.bridge_task import BridgeTask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -41,13 +41,8 @@ UNET_CLASSES = {"ResnetBlock2D", "Attention", "GEGLU"}
 TINY = {"unet_config": bt.TINY_UNET_CONFIG, "vae_config": bt.TINY_VAE_CONFIG}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -34,15 +34,8 @@ from x2i.training.gluenet_task import GlueNetTask
 from x2i.training.runtime import checkpoint_files, read_checkpoint
 from x2i_testing import REPO_ROOT, make_xlm_roberta_folder, reference_tensor_norm_half
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread here and in the child processes: these models are tiny, and on a shared
-    2-core machine two spinning threads per process run ten times slower than one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the official objective, written as the official scripts write it ---------------------------

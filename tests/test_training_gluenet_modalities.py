@@ -25,12 +25,8 @@ from x2i_testing import audioclip_full_checkpoint, make_clap_folder
 pytest.importorskip("soundfile")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: one thread is faster than two
-    yield
-    torch.set_num_threads(previous)
+# Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,8 @@ TINY_MODEL = {"preset": "cross-intermediate", "image_size": 8, "width": 64, "dep
               "context_dim": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_shapes(folder: Path, count: int, seed: int = 0) -> Path:

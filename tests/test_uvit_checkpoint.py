@@ -49,13 +49,8 @@ GOLDEN_CASES: dict[str, tuple[str, dict, dict]] = {
 TINY_CONFIG = dict(image_size=32, patch_size=2, in_channels=4, width=128, depth=4, heads=2, mlp_ratio=2.0, context_dim=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: fanning each small op out to threads costs more than it saves on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def splitmix_uniform(n: int, seed: int) -> np.ndarray:
