@@ -19,16 +19,14 @@ On a machine without internet, install those wheels from a local folder (``pip d
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from timing import DTYPES, device_label, emit, synchronize  # noqa: E402
+from timing import DTYPES, device_label, emit, time_training_steps  # noqa: E402
 
 # T5-Large (google-t5/t5-large), the released T5 bridges' language model: its encoder half.
 T5_LARGE = {
@@ -145,20 +143,8 @@ def bench(args) -> dict:
         optimizer.step()
         return loss.item()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    warmup_s = time.perf_counter() - started
-    times, losses = [], []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        losses.append(step())
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    timed = time_training_steps(step, device, args.warmup, args.steps)
+    median = timed.median_s
     return {
         "bench": "bridge_training",
         "device": device_label(device),
@@ -167,7 +153,7 @@ def bench(args) -> dict:
         "latents": args.latents, "text_lora": args.text_lora, "gradient_checkpointing": args.gradient_checkpointing,
         "rank": args.rank, **counts,
         "step_ms": round(median * 1000, 1), "it_per_s": round(1 / median, 3), "samples_per_s": round(args.batch / median, 2),
-        "warmup_s": round(warmup_s, 1), "steps": args.steps, "last_loss": round(losses[-1], 4),
+        "warmup_s": round(timed.warmup_s, 1), "steps": args.steps, "last_loss": round(timed.last, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "torch": torch.__version__,
     }

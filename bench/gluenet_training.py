@@ -25,7 +25,6 @@ Writes one JSON line to stdout and, with ``--out``, to a file.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from timing import device_label, emit, synchronize  # noqa: E402
+from timing import device_label, emit, time_training_steps  # noqa: E402
 
 import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.gluenet import GlueNetConfig  # noqa: E402
@@ -114,18 +113,7 @@ def time_steps(batch_size: int, args, device: torch.device) -> dict[str, float]:
         terms["loss"].backward()
         optimizer.step()
 
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    median = time_training_steps(step, device, args.warmup, args.steps).median_s
     out = {"step_ms": round(median * 1000, 2), "samples_per_s": round(batch_size / median, 1)}
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +34,32 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
             synchronize(device)
             times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    median_s: float
+    warmup_s: float
+    last: object  # what the last timed step returned (e.g. its loss)
+
+
+def time_training_steps(step: Callable[[], object], device: torch.device, warmup: int, steps: int) -> StepTimes:
+    """Median wall time of a training ``step`` (gradients on) after ``warmup`` calls, the device
+    synchronised around each; CUDA's peak-memory counter restarts after warm-up (steady state)."""
+    started = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, last = [], None
+    for _ in range(steps):
+        start = time.perf_counter()
+        last = step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return StepTimes(statistics.median(times), warmup_s, last)
 
 
 def device_label(device: torch.device) -> str:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from timing import DTYPES, device_label, emit, synchronize  # noqa: E402
+from timing import DTYPES, device_label, emit, time_training_steps  # noqa: E402
 
 import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.training.uvit_task import (  # noqa: E402
@@ -86,20 +84,8 @@ def measure(name: str, config: UViTConfig, args, compiled: bool) -> dict:
         scheduler.step()
         return loss.detach()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    for _ in range(args.warmup + (args.compile_warmup if compiled else 0)):
-        step()
-    synchronize(device)
-    warmup_s = time.perf_counter() - started
-    times, losses = [], []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        losses.append(step())
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    timed = time_training_steps(step, device, args.warmup + (args.compile_warmup if compiled else 0), args.steps)
+    median = timed.median_s
     cost = uvit_cost(config, batch=1)
     flops_per_sample = 3 * (cost.linear_conv_flops + cost.attention_flops)  # forward + backward ≈ 3 forwards
     row = {
@@ -107,8 +93,8 @@ def measure(name: str, config: UViTConfig, args, compiled: bool) -> dict:
         "size": "small (--small)" if args.small else "U-ViT-Small (paper)", "batch": args.batch, "precision": args.dtype,
         "params": cost.params, "gflops_per_sample_fwd": round((cost.linear_conv_flops + cost.attention_flops) / 1e9, 3),
         "step_ms": round(median * 1000, 2), "it_per_s": round(1 / median, 3), "samples_per_s": round(args.batch / median, 1),
-        "model_tflop_s": round(flops_per_sample * args.batch / median / 1e12, 3), "warmup_s": round(warmup_s, 1), "steps": args.steps,
-        "last_loss": round(float(losses[-1]), 4),
+        "model_tflop_s": round(flops_per_sample * args.batch / median / 1e12, 3), "warmup_s": round(timed.warmup_s, 1), "steps": args.steps,
+        "last_loss": round(float(timed.last), 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "torch": torch.__version__,
     }
