@@ -47,6 +47,7 @@ from .bridge_data import (
 )
 from .config import ConfigError, as_dict, section
 from .diffusion_models import DiffusionModel, detect_kind, load_diffusion_model
+from .diffusion_validation import held_out_eps_mse
 from .runtime import Distributed, TrainingError, TrainingTask
 
 logger = logging.getLogger(__name__)
@@ -570,20 +571,10 @@ class BridgeTask(TrainingTask):
             return {}
         base = model.module if hasattr(model, "module") else model
         device = next(base.adapter.parameters()).device
-        total = torch.zeros(len(VALIDATION_TIMESTEPS), dtype=torch.float64)
-        count = 0
-        # Batches built by hand: a DataLoader iterator would draw from the training RNG stream.
-        for number, first in enumerate(range(0, len(self._val), VALIDATION_BATCH)):
-            samples = [self._val[i] for i in range(first, min(first + VALIDATION_BATCH, len(self._val)))]
-            batch = {k: v.to(device) for k, v in self.collate(samples).items()}
-            latents = base.latents(batch, train=False)
-            generator = torch.Generator().manual_seed(VALIDATION_SEED + number)
-            for j, t in enumerate(VALIDATION_TIMESTEPS):
-                noise = torch.randn(latents.shape, generator=generator).to(device)
-                steps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
-                total[j] += base.loss(latents, noise, steps, batch).double().sum().cpu()
-            count += latents.shape[0]
-        per_t = total / count
+        per_t = held_out_eps_mse(
+            self._val, self.collate, lambda batch: base.latents(batch, train=False), {"eps": base.loss},
+            timesteps=VALIDATION_TIMESTEPS, seed=VALIDATION_SEED, batch_size=VALIDATION_BATCH, device=device,
+        )["eps"]
         metrics = {"val_eps_mse": float(per_t.mean())}
         metrics.update({f"val_eps_mse_t{t}": float(v) for t, v in zip(VALIDATION_TIMESTEPS, per_t, strict=True)})
         return metrics

@@ -39,6 +39,7 @@ from torch import nn
 from ..uvit import PAPER_SETTINGS, SamplingConvention, UViT, UViTConfig, UViTConfigError, save_uvit
 from .bridge_data import BridgeDataError, LatentCache, cache_key, image_transform, scan_pairs, split_validation
 from .config import ConfigError, as_dict, section
+from .diffusion_validation import held_out_eps_mse
 from .features import FeatureCache, FeatureCacheError, fingerprint_path
 from .gluenet_data import hash_strings
 from .runtime import Distributed, TrainingError, TrainingTask
@@ -597,22 +598,13 @@ class UViTTask(TrainingTask):
             return {}
         base: UViTTrainingModel = model.module if hasattr(model, "module") else model
         device = base.sqrt_alpha_bar.device
-        totals = {"raw": torch.zeros(len(VALIDATION_TIMESTEPS), dtype=torch.float64),
-                  "ema": torch.zeros(len(VALIDATION_TIMESTEPS), dtype=torch.float64)}
-        count = 0
-        # Batches built by hand: a DataLoader iterator would draw from the training RNG.
-        for number, first in enumerate(range(0, len(self._val), VALIDATION_BATCH)):
-            samples = [self._val[i] for i in range(first, min(first + VALIDATION_BATCH, len(self._val)))]
-            batch = {k: v.to(device) for k, v in self.collate(samples).items()}
-            latents = base.latents(batch, train=False)
-            generator = torch.Generator().manual_seed(VALIDATION_SEED + number)
-            for j, t in enumerate(VALIDATION_TIMESTEPS):
-                noise = torch.randn(latents.shape, generator=generator).to(device)
-                steps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
-                for name, network in (("raw", base.uvit), ("ema", base.ema)):
-                    totals[name][j] += base.per_sample_loss(network, latents, noise, steps, batch["context"]).double().sum().cpu()
-            count += latents.shape[0]
-        raw, ema = totals["raw"] / count, totals["ema"] / count
+        per_t = held_out_eps_mse(
+            self._val, self.collate, lambda batch: base.latents(batch, train=False),
+            {name: (lambda latents, noise, steps, batch, network=network: base.per_sample_loss(network, latents, noise, steps, batch["context"]))
+             for name, network in (("raw", base.uvit), ("ema", base.ema))},
+            timesteps=VALIDATION_TIMESTEPS, seed=VALIDATION_SEED, batch_size=VALIDATION_BATCH, device=device,
+        )
+        raw, ema = per_t["raw"], per_t["ema"]
         metrics = {"val_eps_mse": float(raw.mean()), "val_eps_mse_ema": float(ema.mean())}
         metrics.update({f"val_eps_mse_t{t}": float(v) for t, v in zip(VALIDATION_TIMESTEPS, raw, strict=True)})
         return metrics
