@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny real-architecture encoders and official-format GlueNet files, built once."""
+"""Shared fixtures: tiny real-architecture encoders and official-format GlueNet files, built once; the
+device switch (``--device``, ``--comfy-vram``) that moves the faithfulness and node tests onto a GPU."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,49 @@ from x2i_testing import (
 )
 
 TINY_XLMR_HIDDEN = 64
+
+DEVICES = ("cpu", "cuda")
+COMFY_VRAM_MODES = ("normal", "lowvram", "novram")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("x2i", "ComfyUI-X2I device switch")
+    group.addoption(
+        "--device", choices=DEVICES, default=os.environ.get("X2I_TEST_DEVICE", "cpu"),
+        help="where tests marked 'device' run the pack's models, and where in-process ComfyUI and the test "
+        "server put them (default cpu; env X2I_TEST_DEVICE)")
+    group.addoption(
+        "--comfy-vram", choices=COMFY_VRAM_MODES, default=os.environ.get("X2I_COMFY_VRAM", "normal"),
+        help="ComfyUI's memory mode with --device cuda: normal, lowvram (--lowvram) or novram (--novram) "
+        "(default normal; env X2I_COMFY_VRAM)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "device: runs the pack's models on the --device of your choice (default cpu)")
+    device, vram = config.getoption("--device"), config.getoption("--comfy-vram")
+    if device not in DEVICES:  # an environment variable bypasses argparse's choices
+        raise pytest.UsageError(f"--device / X2I_TEST_DEVICE must be one of {', '.join(DEVICES)}, got {device!r}")
+    if vram not in COMFY_VRAM_MODES:
+        raise pytest.UsageError(f"--comfy-vram / X2I_COMFY_VRAM must be one of {', '.join(COMFY_VRAM_MODES)}, got {vram!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"--device cuda was asked for, but this torch {torch.__version__} sees no CUDA device "
+            f"(torch.version.cuda={torch.version.cuda}); run on a machine with an NVIDIA GPU and a CUDA build of torch, "
+            "or drop --device / X2I_TEST_DEVICE to test on the CPU")
+    if device == "cpu" and vram != "normal":
+        raise pytest.UsageError(f"--comfy-vram {vram} needs --device cuda: on the CPU ComfyUI has no VRAM to save")
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    """The device of the --device switch. On CUDA, float32 stays float32 (no TF32 in matmuls or cuDNN
+    convolutions), so a float32 test holds the same tolerance as on the CPU; the reduced precision users
+    get is tested separately, against float32, with its own stated tolerance."""
+    chosen = torch.device(pytestconfig.getoption("--device"))
+    if chosen.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return chosen
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from x2i.bridge.language_models import (
     text_config,
     tokenize_for_bridge,
 )
-from x2i_testing import CORPUS, make_llama_folder
+from x2i_testing import CORPUS, ENCODER_HALF, assert_close_in_half, make_llama_folder
 
 LONG = " ".join(CORPUS[:2] * 12)  # far beyond 120 tokens for both tiny tokenizers
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "", "un chat assis", LONG]
@@ -192,6 +192,40 @@ def test_llama_tokenizer_without_add_bos_still_gets_bos(tmp_path, tiny_llama):
     ours, _ = tokenize_for_bridge("llama2_unet", AutoTokenizer.from_pretrained(folder), PROMPTS)
     reference, _ = tokenize_for_bridge("llama2_unet", AutoTokenizer.from_pretrained(tiny_llama), PROMPTS)
     assert torch.equal(ours, reference)
+
+
+# ---- every recipe on the device, in float32 and in the float16 that "auto" gives on a GPU ----
+
+RECIPE_FOLDERS = {"t5_unet": "tiny_t5", "t5_transformer": "tiny_t5", "llama2_unet": "tiny_llama"}
+
+
+def official_features(recipe: str, folder: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The official call on the CPU in float32: features, and the mask where the recipe keeps one."""
+    if recipe == "llama2_unet":
+        return official_llama(folder, PROMPTS, torch.float32)[0], None
+    features, _, mask = official_t5(folder, PROMPTS, 120 if recipe == "t5_transformer" else 77, with_mask=recipe == "t5_transformer")
+    return features, mask
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("recipe", sorted(RECIPE_FOLDERS))
+def test_every_recipe_matches_official_on_the_device(recipe, request, device):
+    folder = request.getfixturevalue(RECIPE_FOLDERS[recipe])
+    encoder = load_language_model(folder, recipe, dtype=torch.float32).to(device)
+    features, mask = encode_for_bridge(recipe, encoder, encoder.tokenizer, PROMPTS)
+    assert features.device.type == device.type and features.dtype == torch.float32
+    expected, expected_mask = official_features(recipe, folder)
+    torch.testing.assert_close(features.cpu(), expected, atol=1e-5, rtol=1e-4)
+    assert (mask is None and expected_mask is None) or torch.equal(mask.cpu(), expected_mask)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("recipe", sorted(RECIPE_FOLDERS))
+def test_every_recipe_in_float16_stays_close_to_official_float32(recipe, request, device):
+    folder = request.getfixturevalue(RECIPE_FOLDERS[recipe])
+    encoder = load_language_model(folder, recipe, dtype=ENCODER_HALF).to(device)
+    features, _ = encode_for_bridge(recipe, encoder, encoder.tokenizer, PROMPTS)
+    assert_close_in_half(features, official_features(recipe, folder)[0], ENCODER_HALF, recipe)
 
 
 # ---- shared behaviour ----

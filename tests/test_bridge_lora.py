@@ -192,7 +192,8 @@ def _golden(family: str):
 
 
 @pytest.mark.parametrize("family", ["t5", "llama"])
-def test_merged_weights_reproduce_the_official_injection(family, tmp_path):
+@pytest.mark.device
+def test_merged_weights_reproduce_the_official_injection(family, tmp_path, device):
     import transformers
 
     meta, golden = _golden(family)
@@ -211,16 +212,18 @@ def test_merged_weights_reproduce_the_official_injection(family, tmp_path):
     targets = text_lora_targets(model, family)
     assert [t.name for t in targets] == json.loads(meta[f"{family}.positional_names"])
     mapped = map_lora_pairs(read_lora_pairs(path), targets, source=path.name)
+    model.to(device)  # the base weights on the device, the LoRA pairs read on the CPU: merged where the weights are
     model.load_state_dict(merged_state(model.state_dict(), mapped, strength=1.0), strict=False)
 
-    ids = golden["input_ids"]
+    ids = golden["input_ids"].to(device)
     with torch.no_grad():
         if family == "t5":
             out = model(input_ids=ids).last_hidden_state
         else:
             out = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
     assert (golden["official_output"] - golden["base_output"]).abs().max() > 0.5  # the LoRA matters
-    torch.testing.assert_close(out, golden["official_output"], rtol=1e-4, atol=1e-4)
+    assert out.device.type == device.type
+    torch.testing.assert_close(out.cpu(), golden["official_output"], rtol=1e-4, atol=1e-4)
 
 
 # ---- Full-size SD1.5 lora_vis.pt in the released format ----

@@ -14,6 +14,7 @@ from transformers import ClapFeatureExtractor, ClapModel
 from x2i.encoders.audio_input import AudioInputError
 from x2i.encoders.clap import load_clap_audio
 from x2i.encoders.text import TextEncoderFolderError
+from x2i_testing import ENCODER_HALF, assert_close_in_half
 
 
 def _reference(folder, mono_48k: list[np.ndarray]) -> torch.Tensor:
@@ -26,15 +27,28 @@ def _reference(folder, mono_48k: list[np.ndarray]) -> torch.Tensor:
     return F.normalize(out, dim=-1)
 
 
-def test_stereo_48k_clip_matches_clap_model(tiny_clap):
-    encoder = load_clap_audio(tiny_clap)
-    g = torch.Generator().manual_seed(0)
-    stereo = torch.randn(2, 2, 48000 * 3, generator=g) * 0.1
+def stereo_clips() -> torch.Tensor:
+    return torch.randn(2, 2, 48000 * 3, generator=torch.Generator().manual_seed(0)) * 0.1
+
+
+@pytest.mark.device
+def test_stereo_48k_clip_matches_clap_model(tiny_clap, device):
+    encoder = load_clap_audio(tiny_clap).to(device)
+    stereo = stereo_clips()
     got = encoder.encode_audio(stereo, 48000)
+    assert got.device.type == device.type
+    got = got.cpu()
     expected = _reference(tiny_clap, [clip.mean(0).numpy() for clip in stereo])
     assert got.shape == (2, 32) and encoder.output_dim == 32
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(2))
+
+
+@pytest.mark.device
+def test_float16_as_comfyui_runs_it_on_a_gpu_stays_close_to_float32(tiny_clap, device):
+    stereo = stereo_clips()
+    got = load_clap_audio(tiny_clap, dtype=ENCODER_HALF).to(device).encode_audio(stereo, 48000)
+    assert_close_in_half(got, _reference(tiny_clap, [clip.mean(0).numpy() for clip in stereo]), ENCODER_HALF, "CLAP")
 
 
 def test_other_rates_are_resampled_and_long_clips_are_deterministic(tiny_clap):

@@ -10,7 +10,14 @@ from safetensors import safe_open
 
 from x2i.gluenet import GlueNet, GlueNetConfig
 from x2i.gluenet.checkpoint import build_gluenet, detect_architecture
-from x2i_testing import DATA_DIR, RELEASED_SOUND_ARGS, RELEASED_TEXT_ARGS, official_layout
+from x2i_testing import (
+    DATA_DIR,
+    NETWORK_HALF,
+    RELEASED_SOUND_ARGS,
+    RELEASED_TEXT_ARGS,
+    assert_close_in_half,
+    official_layout,
+)
 
 GOLDEN = DATA_DIR / "gluenet_golden.safetensors"
 
@@ -30,19 +37,31 @@ def _golden_case(prefix: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, to
         return state, f.get_tensor(f"{prefix}.input"), f.get_tensor(f"{prefix}.output")
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("prefix", sorted(CASES))
-def test_official_outputs_are_reproduced(prefix):
+def test_official_outputs_are_reproduced(prefix, device):
     state, x, expected = _golden_case(prefix)
     architecture, fields = CASES[prefix]
     detected = detect_architecture(state)
     assert detected.architecture == architecture
     for name, value in fields.items():
         assert getattr(detected, name) == value, name
-    model = build_gluenet(detected, state, prefix)
+    model = build_gluenet(detected, state, prefix).to(device)
     with torch.no_grad():
-        y = model(x)
-    assert y.shape == expected.shape
-    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+        y = model(x.to(device))
+    assert y.shape == expected.shape and y.device.type == device.type
+    torch.testing.assert_close(y.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("prefix", sorted(CASES))
+def test_bfloat16_stays_close_to_the_official_float32_outputs(prefix, device):
+    state, x, expected = _golden_case(prefix)
+    model = build_gluenet(detect_architecture(state), state, prefix).to(device=device, dtype=NETWORK_HALF)
+    with torch.no_grad():
+        y = model(x.to(device=device, dtype=NETWORK_HALF))
+    assert y.dtype == NETWORK_HALF
+    assert_close_in_half(y, expected, NETWORK_HALF, prefix)
 
 
 def test_golden_file_records_its_provenance():

@@ -30,7 +30,14 @@ from x2i.encoders.pointbert import (
     load_ulip_pointbert,
 )
 from x2i.encoders.pointcloud import PointCloudError
-from x2i_testing import DATA_DIR, fake_ulip_checkpoint, official_pointbert_layout, stripped_pointbert_layout
+from x2i_testing import (
+    DATA_DIR,
+    ENCODER_HALF,
+    assert_close_in_half,
+    fake_ulip_checkpoint,
+    official_pointbert_layout,
+    stripped_pointbert_layout,
+)
 
 GOLDEN = DATA_DIR / "pointbert_golden.safetensors"
 LAYOUTS = DATA_DIR / "pointbert_official_layouts.json"
@@ -173,7 +180,8 @@ def test_fps_without_ties_is_farthest_first_traversal():
     "case",
     ["random_8192", "random_1000", "random_300", "random_40_all", "grid_ties", "grid_shuffled", "duplicates", "near_origin"],
 )
-def test_fps_matches_the_cuda_kernel(case):
+@pytest.mark.device
+def test_fps_matches_the_cuda_kernel(case, device):
     gen = torch.Generator().manual_seed(sum(map(ord, case)))
     if case.startswith("random"):
         n = int(case.split("_")[1])
@@ -187,8 +195,9 @@ def test_fps_matches_the_cuda_kernel(case):
     else:  # a dense cluster inside the kernel's skipped ball around the origin
         xyz = torch.cat([torch.randn(1, 64, 3, generator=gen) * 0.005, torch.randn(1, 2000, 3, generator=gen)], dim=1)
     m = min(512, xyz.shape[1])
-    ours = farthest_point_sample(xyz, m, min_norm_sq=CUDA_FPS_MIN_NORM_SQ)
-    assert torch.equal(ours, reference_cuda_fps(xyz, m))
+    ours = farthest_point_sample(xyz.to(device), m, min_norm_sq=CUDA_FPS_MIN_NORM_SQ)
+    assert ours.device.type == device.type
+    assert torch.equal(ours.cpu(), reference_cuda_fps(xyz, m))  # the same indices on every device
 
 
 def test_fps_tie_rule_is_the_kernels_not_lowest_index():
@@ -259,23 +268,39 @@ def test_layout_file_records_its_provenance():
         assert params == data["param_counts"][variant]
 
 
+def full_size_model(variant: str, device: torch.device, dtype: torch.dtype = torch.float32) -> PointBERT:
+    model = PointBERT(PRESETS[variant]()).eval()
+    model.load_state_dict(deterministic_state(stripped_pointbert_layout(variant), seed=1), strict=True)
+    return model.to(device=device, dtype=dtype)
+
+
+@pytest.mark.device
 @pytest.mark.parametrize("variant", ["ulip1", "ulip2_colored"])
-def test_full_size_forward_matches_official(variant):
+def test_full_size_forward_matches_official(variant, device):
     """Full-size ULIP-1 / ULIP-2 colored with deterministic weights against outputs of the official classes."""
     data = golden(variant)
     config = PRESETS[variant]()
-    model = PointBERT(config).eval()
-    model.load_state_dict(deterministic_state(stripped_pointbert_layout(variant), seed=1), strict=True)
-    points = data["points"]
+    model = full_size_model(variant, device)
+    points = data["points"].to(device)
     assert points.shape[1:] == (config.num_points, config.in_channels)
     centre_idx = farthest_point_sample(points[..., :3], config.num_groups, min_norm_sq=config.fps_min_norm_sq)
-    assert torch.equal(centre_idx, data["centre_idx"])
+    assert torch.equal(centre_idx.cpu(), data["centre_idx"])
     with torch.inference_mode():
         features = model.forward_features(points)
         embed = features @ model.pc_projection
     # float32 vs float32 (different kernels: SDPA vs explicit softmax); observed max |diff| ~3e-6 at |y| ~4.
-    torch.testing.assert_close(features, data["features"], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(embed, data["embed"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(features.cpu(), data["features"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(embed.cpu(), data["embed"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.device
+def test_full_size_float16_as_comfyui_runs_it_on_a_gpu_stays_close_to_float32(device):
+    data = golden("ulip2_colored")
+    model = full_size_model("ulip2_colored", device, ENCODER_HALF)
+    with torch.inference_mode():  # geometry (FPS, kNN, centring) in float32, the transformer in float16
+        embed = model.forward_features(data["points"].to(device)) @ model.pc_projection
+    assert embed.dtype == ENCODER_HALF
+    assert_close_in_half(embed, data["embed"], ENCODER_HALF, "ULIP-2 PointBERT")
 
 
 def test_golden_file_records_its_provenance():

@@ -24,7 +24,7 @@ from x2i.uvit.checkpoint import (
     from_pack_layout,
 )
 from x2i.uvit.config import PAPER_SETTINGS, SamplingConvention
-from x2i_testing import DATA_DIR
+from x2i_testing import DATA_DIR, NETWORK_HALF, assert_close_in_half
 
 GOLDEN = DATA_DIR / "uvit_golden.safetensors"
 LAYOUTS_JSON = DATA_DIR / "uvit_official_layouts.json"
@@ -124,19 +124,37 @@ def run(model: UViT, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) ->
 # --- golden equality with the official classes ---------------------------------------------------
 
 
+def golden_model(case: str) -> UViT:
+    config, state, _ = convert_state_dict(deterministic_state(official_layouts()["tiny"][case]), source=case)
+    model = UViT(config, init_weights=False)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@pytest.mark.device
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
-def test_official_outputs_are_reproduced(case):
+def test_official_outputs_are_reproduced(case, device):
     layout = official_layouts()["tiny"][case]
     official_state = deterministic_state(layout)
     config, state, source_layout = convert_state_dict(official_state, source=case)
     _, overrides, expected = GOLDEN_CASES[case]
     assert source_layout == (LAYOUT_UVIT if case.startswith("uvit") else LAYOUT_FORK)
     assert config == UViTConfig(**dict(TINY_CONFIG, **expected))
-    model = UViT(config, init_weights=False)
-    model.load_state_dict(state, strict=True)
+    model = golden_model(case).to(device)
+    x, t, context = (tensor.to(device) for tensor in golden_inputs())
+    y = run(model, x, t, context)
+    assert y.device.type == device.type
+    torch.testing.assert_close(y.cpu(), golden_output(case), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_bfloat16_stays_close_to_the_official_float32_outputs(case, device):
+    model = golden_model(case).to(device=device, dtype=NETWORK_HALF)
     x, t, context = golden_inputs()
-    y = run(model.eval(), x, t, context)
-    torch.testing.assert_close(y, golden_output(case), atol=2e-5, rtol=1e-5)
+    y = run(model, x.to(device, NETWORK_HALF), t.to(device), context.to(device, NETWORK_HALF))
+    assert y.dtype == NETWORK_HALF
+    assert_close_in_half(y, golden_output(case), NETWORK_HALF, case)
 
 
 def test_golden_file_records_its_provenance():

@@ -488,3 +488,87 @@ def write_clip_from_checkpoint(checkpoint: Path, target: Path) -> Path:
     """SD1.x's CLIP ViT-L/14 text tower as a standalone file (``clip_l.safetensors``'s ``text_model.*``
     layout, which Load CLIP reads with type stable_diffusion)."""
     return write_part_of_checkpoint(checkpoint, target, "cond_stage_model.transformer.")
+
+
+# ---- The --device switch: the same numbers on another device, and in the half precision users get ----
+
+# What a CUDA user gets with dtype "auto": ComfyUI's text-encoder precision, float16, for every encoder the
+# pack loads (text encoders, language models, AudioCLIP, CLAP, PointBERT); bfloat16 for the networks that
+# run or train in mixed precision (GlueNets, adapters, U-ViT, merged LoRA weights).
+ENCODER_HALF = torch.float16
+NETWORK_HALF = torch.bfloat16
+# Bounds on the relative error ||half - float32|| / ||float32|| of a whole output. Unit roundoff is
+# 2^-11 = 4.9e-4 for float16 and 2^-8 = 3.9e-3 for bfloat16; the models here, a few layers deep, measure
+# 3e-4..1.5e-3 (float16) and 2e-3..1.5e-2 (bfloat16) on x86 CPUs. The bounds leave room for other kernels
+# (cuBLAS, cuDNN, SDPA) while any real mistake (a wrong mask, layer, scale or cast) moves outputs by O(1).
+HALF_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||actual - reference|| / ||reference||`` over the whole tensor, in float64 on the CPU."""
+    actual, reference = actual.detach().cpu().double(), reference.detach().cpu().double()
+    return ((actual - reference).norm() / reference.norm()).item()
+
+
+def assert_close_in_half(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype, what: str,
+                         tolerance: float | None = None) -> None:
+    """``actual`` (computed in ``dtype``) is within ``tolerance`` (default :data:`HALF_TOLERANCE`; a model
+    that needs another bound states it, with the measurement, where it is tested) of the float32 ``reference``."""
+    bound = HALF_TOLERANCE[dtype] if tolerance is None else tolerance
+    assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    assert torch.isfinite(actual).all(), f"{what} in {dtype}: non-finite values"
+    error = relative_error(actual, reference)
+    assert error <= bound, f"{what} in {dtype}: relative error {error:.2e} > {bound:.0e}"
+
+
+# ---- Bounded work: what one call costs, measured in a fresh process ----
+
+_PEAK_PROBE = """
+import json, resource, sys, time
+sys.path.insert(0, {tests!r})
+import x2i_testing  # the pack as package x2i
+{setup}
+def _hwm_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+def _rss_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # peak RSS := current RSS, so imports and setup do not count
+before = _rss_kib()
+started = time.perf_counter()
+error = None
+try:
+{call}
+except Exception as exc:
+    error = f"{{type(exc).__name__}}: {{exc}}"
+print(json.dumps({{"peak_mib": (_hwm_kib() - before) / 1024, "seconds": time.perf_counter() - started, "error": error}}))
+"""
+
+
+PROBE_ADDRESS_SPACE = 8 << 30  # a bomb in the probe fails with MemoryError instead of filling the machine
+
+
+def cost_of(call: str, setup: str = "", timeout: float = 120.0) -> dict:
+    """Run ``call`` (Python statements) in a fresh interpreter after ``setup``; returns the growth of its
+    peak resident memory during the call in MiB (``peak_mib``), its ``seconds`` and the ``error`` it raised
+    (``"Type: message"``, ``"timeout"`` or None). The interpreter's address space is capped at
+    :data:`PROBE_ADDRESS_SPACE`, so a call that would exhaust memory shows as a ``MemoryError`` (or a large
+    ``peak_mib``) instead of taking the machine down."""
+    import resource
+    import subprocess
+    import textwrap
+
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (PROBE_ADDRESS_SPACE, PROBE_ADDRESS_SPACE))
+
+    code = _PEAK_PROBE.format(tests=str(Path(__file__).parent), setup=setup, call=textwrap.indent(call, "    "))
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                                check=False, preexec_fn=cap_memory)
+    except subprocess.TimeoutExpired:
+        return {"peak_mib": None, "seconds": timeout, "error": "timeout"}
+    if result.returncode != 0 or not result.stdout.strip():
+        raise AssertionError(f"the probe process failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
