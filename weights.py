@@ -12,8 +12,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,12 +29,29 @@ def describe_keys(keys: Iterable[str], limit: int = 5) -> str:
     return f"{len(keys)} tensors ({shown}{', ...' if len(keys) > limit else ''})"
 
 
+# torch.load(weights_only=True) runs code from a crafted file before torch 2.6 (CVE-2025-32434).
+SAFE_PICKLE_TORCH = (2, 6)
+
+
+def torch_reads_pickles_safely(version: str | None = None) -> bool:
+    """Whether this torch's ``weights_only`` unpickler is safe (torch >= 2.6; ``version`` for tests)."""
+    match = re.match(r"(\d+)\.(\d+)", version or torch.__version__)
+    return match is not None and (int(match.group(1)), int(match.group(2))) >= SAFE_PICKLE_TORCH
+
+
 def read_torch_checkpoint(
     path: Path, error: type[Exception], fix: str, allowed_globals: Iterable[type] = ()
 ) -> object:
     """``torch.load(weights_only=True)`` on the CPU (memory-mapped when the format allows), or
     ``error`` naming the file, the cause and ``fix``. ``allowed_globals`` are plain-data classes some
-    releases pickle beside their weights (ULIP saves its argparse ``Namespace``)."""
+    releases pickle beside their weights (ULIP saves its argparse ``Namespace``). Refused outright on a
+    torch whose unpickler is not safe (before 2.6)."""
+    if not torch_reads_pickles_safely():
+        raise error(
+            f"{path.name} is a pickled checkpoint, and this torch {torch.__version__} cannot read pickles safely "
+            "(torch.load(weights_only=True) can run code from a crafted file before torch 2.6, CVE-2025-32434). "
+            "Upgrade torch to 2.6 or newer in ComfyUI's Python, or use a .safetensors copy of the file."
+        )
     allowed = list(allowed_globals)
     safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     errors: list[Exception] = []
@@ -77,6 +95,25 @@ def state_dict_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str
     return details or None
 
 
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def build_and_load(factory: Callable[[], ModuleT], state_dict: Mapping[str, torch.Tensor], error: type[Exception],
+                   what: str) -> ModuleT:
+    """``factory()`` with ``state_dict`` loaded strictly. The module is first built on the meta device and
+    its keys and shapes compared with the file's, so a file whose metadata describes a huge network is
+    refused (``error``: ``"{what}: <what differs>"``) before anything is allocated; the real module then
+    costs no more than the weights the file holds."""
+    with torch.device("meta"):
+        expected = factory().state_dict()
+    details = state_dict_mismatch(expected, state_dict)
+    if details:
+        raise error(f"{what}: {details}")
+    model = factory()
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
 ConfigT = TypeVar("ConfigT")
 
 
@@ -113,19 +150,41 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]) -> None:
-    """Write ``tensors`` to ``path`` as safetensors with ``metadata``: temp file, then rename."""
+def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Have ``write(tmp)`` fill a temp file beside ``path``, flush it to disk, then rename it over ``path``:
+    a crash or a full disk leaves either the old file or the complete new one, never a torn one. Any
+    failure of the write (``SafetensorError``, pickling, a full disk) comes out as an ``OSError`` naming
+    ``path``, after the temp file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    tmp = Path(name)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
-        # Flushed before the rename, so a crash leaves either the old file or the complete new one.
+        write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file should be as readable as any other
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and not isinstance(exc, OSError):
+            raise OSError(f"cannot write {path} ({type(exc).__name__}: {exc})") from exc
         raise
+    return path
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` to ``path`` as safetensors with ``metadata``, atomically (:func:`write_atomic`)."""
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=dict(metadata)))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """``path`` holds ``text`` (UTF-8), written atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def torch_save_atomic(obj: object, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj)`` to ``path``, atomically (:func:`write_atomic`); for the released pickle layouts."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))

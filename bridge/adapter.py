@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch, unwrap_state_dict
+from ..weights import build_and_load, describe_keys, read_torch_checkpoint, unwrap_state_dict
 from .errors import LaViBridgeFileError
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,11 @@ FEED_FORWARD_DROPOUT = 0.1
 FEED_FORWARD_MULT = 4
 
 
+# Past any language model or diffusion context (Llama-2-70B is 8192 wide): a config.json or file metadata
+# must not describe an adapter that takes gigabytes to build before its weights are checked.
+MAX_ADAPTER_WIDTH = 16384
+
+
 @dataclass(frozen=True)
 class TextAdapterConfig:
     """Widths of a LaVi-Bridge adapter: language-model hidden size, intermediate, diffusion context."""
@@ -47,8 +52,8 @@ class TextAdapterConfig:
     def __post_init__(self) -> None:
         for name in CONFIG_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise LaViBridgeFileError(f"adapter {name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_ADAPTER_WIDTH:
+                raise LaViBridgeFileError(f"adapter {name} must be a whole number from 1 to {MAX_ADAPTER_WIDTH}, got {value!r}")
 
     @property
     def name(self) -> str | None:
@@ -208,15 +213,13 @@ def load_adapter(folder: str | os.PathLike[str], dtype: torch.dtype = torch.floa
         )
     config = read_adapter_config(folder)
     state_dict, file_name = _read_weights(folder)
-    model = TextAdapter(config)
-    details = state_dict_mismatch(model.state_dict(), state_dict)
-    if details:
-        raise LaViBridgeFileError(
-            f"{folder.name}/{file_name} does not fit the TextAdapter{(config.in_dim, config.int_dim, config.out_dim)} "
-            f"of its config.json: {details}. Found {describe_keys(state_dict)}; config.json and the weights must "
-            "come from the same release"
-        )
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    try:
+        model = build_and_load(lambda: TextAdapter(config), {k: v.float() for k, v in state_dict.items()}, LaViBridgeFileError,
+                               f"{folder.name}/{file_name} does not fit the TextAdapter{(config.in_dim, config.int_dim, config.out_dim)} "
+                               "of its config.json")
+    except LaViBridgeFileError as exc:
+        raise LaViBridgeFileError(f"{exc}. Found {describe_keys(state_dict)}; config.json and the weights must come from "
+                                  "the same release") from None
     model = model.to(dtype).eval().requires_grad_(False)
     logger.info(
         "Loaded LaVi-Bridge adapter %s (%s, %d -> %d -> %d)",

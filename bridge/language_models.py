@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..encoders.text import HFTextEncoder, load_text_encoder
+from ..encoders.text import HFTextEncoder, check_prompts, load_text_encoder
 from .adapter import RELEASED_ADAPTERS, TextAdapterConfig
 from .errors import LaViBridgeFileError
 
@@ -106,9 +106,7 @@ def tokenize_for_bridge(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)``, both ``[B, max_length]`` int64, right-padded as the official."""
     config = text_config(recipe)
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = [t + OFFICIAL_PROMPT_SUFFIX if add_prompt_suffix else t for t in texts]
+    texts = [t + OFFICIAL_PROMPT_SUFFIX if add_prompt_suffix else t for t in check_prompts(texts)]
     n = config.max_length
     if config.decoder_only:
         # Llama-2's tokenizer adds BOS and no EOS and keeps BOS when truncating; built by hand so a

@@ -29,7 +29,12 @@ has no answer or fails:
   become -0.5 everywhere: the value AudioCLIP's own input scaling maps to exactly 0, so the network
   sees digital silence. A warning names the clip.
 - **Empty audio** (no samples, channels or clips), **NaN or infinite samples** (the count is given),
-  complex or boolean tensors and non-positive sample rates raise :class:`AudioInputError`.
+  complex or boolean tensors and sample rates outside 4-768 kHz raise :class:`AudioInputError`.
+- **Odd sample rates** cost bounded memory: the exact resampler's filter bank grows with the product
+  of the two rates divided by their common divisor squared (96,001 Hz to 44.1 kHz would take 32 GiB),
+  so a rate whose bank would exceed :data:`MAX_RESAMPLE_KERNEL` values is resampled as the nearest
+  multiple of 100 Hz, with a warning naming the pitch error (under 0.2% above 25 kHz). Every standard
+  rate (8-384 kHz) is resampled exactly.
 - **Very short clips** (even shorter than one 1654-sample analysis frame) are valid: padding to
   176,400 samples makes them full-length clips.
 """
@@ -57,6 +62,10 @@ KAISER_BEST = {
     "resampling_method": "sinc_interp_kaiser",
     "beta": 14.769656459379492,
 }
+# Rates the encoders take: below 4 kHz nothing a sound GlueNet learned survives; no recorder goes past 768 kHz.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 768_000
+# Values in the resampler's filter bank (float64 while it is built): every standard rate needs under 0.4M.
+MAX_RESAMPLE_KERNEL = 1 << 22  # 32 MiB; a rate rounded to 100 Hz needs at most 4.8M
 
 
 class AudioInputError(ValueError):
@@ -112,17 +121,44 @@ def check_sample_rate(sample_rate) -> int:
         raise AudioInputError(f"sample rate must be a number of Hz, got {sample_rate!r}") from exc
     if not math.isfinite(rate) or rate <= 0 or rate != int(rate):
         raise AudioInputError(f"sample rate must be a positive whole number of Hz, got {sample_rate!r}: pass the rate the audio was decoded at")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioInputError(
+            f"sample rate {int(rate)} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz: the audio was decoded at a "
+            "wrong rate, or is not audio; re-export it at a standard rate (44.1 or 48 kHz)"
+        )
     return int(rate)
+
+
+def resample_kernel_values(source_rate: int, target_rate: int) -> int:
+    """Values in torchaudio's exact ``kaiser_best`` filter bank from ``source_rate`` to ``target_rate``:
+    ``[target/g, 2 * width + source/g]`` with ``g`` their greatest common divisor."""
+    g = math.gcd(source_rate, target_rate)
+    source, target = source_rate // g, target_rate // g
+    width = math.ceil(KAISER_BEST["lowpass_filter_width"] * source / (min(source, target) * KAISER_BEST["rolloff"]))
+    return target * (2 * width + source)
 
 
 def resample(waveform: torch.Tensor, sample_rate: int, target_rate: int = GLUEGEN_SAMPLE_RATE) -> torch.Tensor:
     """``[..., T]`` float audio from ``sample_rate`` to ``target_rate`` with resampy's ``kaiser_best``
-    filter (what GlueGen's librosa used); ``ceil(T * target / sample_rate)`` samples out."""
+    filter (what GlueGen's librosa used); ``ceil(T * target / sample_rate)`` samples out. A rate whose
+    exact filter bank would exceed :data:`MAX_RESAMPLE_KERNEL` values is taken as its nearest multiple of
+    100 Hz (see the module docstring)."""
     if sample_rate == target_rate:
         return waveform
+    source_rate = sample_rate
+    if resample_kernel_values(sample_rate, target_rate) > MAX_RESAMPLE_KERNEL:
+        source_rate = max(100, round(sample_rate / 100) * 100)
+        logger.warning(
+            "audio at %d Hz: resampling it exactly to %d Hz would need a filter bank of %d values; resampling it as "
+            "%d Hz instead (pitch off by %.3f%%). Re-export it at a standard rate to avoid this.",
+            sample_rate, target_rate, resample_kernel_values(sample_rate, target_rate), source_rate,
+            100 * abs(source_rate - sample_rate) / sample_rate,
+        )
+        if source_rate == target_rate:
+            return waveform
     import torchaudio.functional  # lazily: only resampling needs torchaudio
 
-    return torchaudio.functional.resample(waveform, sample_rate, target_rate, **KAISER_BEST)
+    return torchaudio.functional.resample(waveform, source_rate, target_rate, **KAISER_BEST)
 
 
 def scale_to_int16_range(clips: torch.Tensor) -> torch.Tensor:

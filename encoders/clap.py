@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 
 from .audio_input import check_sample_rate, check_waveform, resample
-from .text import TextEncoderFolderError
+from .text import OFFLINE_NO_REMOTE_CODE, TextEncoderFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,10 @@ def load_clap_audio(folder: str | os.PathLike[str], dtype: torch.dtype = torch.f
             f"{folder.name} has no preprocessor_config.json (CLAP's audio feature extractor settings): copy it from the "
             "model's Hugging Face repository into this folder"
         )
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, **OFFLINE_NO_REMOTE_CODE)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TextEncoderFolderError(f"{folder.name}: config.json is not a CLAP config ({str(exc)[:300]})") from exc
     if config.model_type not in CLAP_MODEL_TYPES:
         raise TextEncoderFolderError(f"{folder.name} is a '{config.model_type}' model, not CLAP")
     dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"

@@ -13,12 +13,19 @@ Decisions on awkward input (each refusal is a :class:`PointCloudError` naming th
   farthest point sampling over millions of points would take many seconds.
 - A mesh file with vertices but no faces (an ``.obj`` of ``v`` lines): its vertices are the points,
   with a warning; an empty mesh is refused.
+
+Every file costs bounded time and memory, whatever it claims: files over :data:`MAX_FILE_BYTES`, arrays
+of more than :data:`MAX_FILE_POINTS` points and more than :data:`MAX_SURFACE_POINTS` surface samples are
+refused naming the limit; ``.npy``/``.npz`` shapes are read from their headers before any data (only the
+needed ``.npz`` members are ever decompressed); text is parsed line by line into a compact array.
 """
 
 from __future__ import annotations
 
+import array
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 MIN_POINTS = 32
 DEFAULT_MAX_POINTS = 1_000_000
+# What one file may cost. ULIP clouds are 8-10k points and ShapeNet/Objaverse meshes a few MB; scans run
+# to millions of points. 10M points of 6 float64 columns are 480 MB, the most any file can make us hold.
+MAX_FILE_BYTES = 512 << 20
+MAX_FILE_POINTS = 10_000_000
+MAX_SURFACE_POINTS = 1_000_000
 MESH_SUFFIXES = (".ply", ".obj", ".off", ".stl", ".glb", ".gltf")
 ARRAY_SUFFIXES = (".npy", ".npz")
 TEXT_SUFFIXES = (".xyz", ".txt", ".pts")
@@ -125,39 +137,71 @@ def _check_magic(path: Path, magic: bytes, kind: str) -> None:
         raise PointCloudError(f"{path.name} is unreadable or corrupt (not a {kind} file); re-export it")
 
 
+def _check_array_header(shape: tuple[int, ...], dtype: np.dtype, source: str) -> None:
+    """Refuse an array by its header: pickled objects, or more than :data:`MAX_FILE_POINTS` rows."""
+    if dtype.hasobject:
+        raise PointCloudError(
+            f"{source} holds pickled Python objects (ULIP's Objaverse .npy files are dicts), which are not "
+            "loaded for safety: re-save the arrays, e.g. np.savez('cloud.npz', xyz=d['xyz'], rgb=d['rgb'])"
+        )
+    rows = shape[0] if shape else 1
+    if rows > MAX_FILE_POINTS or int(np.prod(shape, dtype=np.int64)) > 8 * MAX_FILE_POINTS:
+        raise PointCloudError(
+            f"{source}: an array of shape {tuple(shape)} is over the limit of {MAX_FILE_POINTS:,} points per file; "
+            "subsample the cloud before saving it"
+        )
+
+
+def _read_array(handle, source: str) -> np.ndarray:
+    """One ``.npy`` stream: header checked first, then exactly the data it declares (no pickles)."""
+    version = np.lib.format.read_magic(handle)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _fortran, dtype = read_header(handle)
+    _check_array_header(shape, dtype, source)
+    handle.seek(0)  # read_array reads the header again (a zip member rewinds by decompressing its first bytes)
+    return np.lib.format.read_array(handle, allow_pickle=False)
+
+
 def _read_npy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     _check_magic(path, b"\x93NUMPY", ".npy")
     try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise PointCloudError(
-            f"{path.name} holds pickled Python objects (ULIP's Objaverse .npy files are dicts), which are not "
-            "loaded for safety: re-save the arrays, e.g. np.savez('cloud.npz', xyz=d['xyz'], rgb=d['rgb'])"
-        ) from exc
+        with open(path, "rb") as handle:
+            array_ = _read_array(handle, path.name)
+    except PointCloudError:
+        raise
     except Exception as exc:
         raise PointCloudError(f"{path.name} is unreadable or corrupt ({exc}); re-export it") from exc
-    return _split_columns(np.asarray(array), path.name)
+    return _split_columns(np.asarray(array_), path.name)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     _check_magic(path, b"PK", ".npz (zip)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except ValueError as exc:
-        raise PointCloudError(f"{path.name} holds pickled Python objects; re-save it with plain arrays") from exc
+        with zipfile.ZipFile(path) as archive:
+            members = {name.removesuffix(".npy"): name for name in archive.namelist() if name.endswith(".npy")}
+            key = next((k for k in NPZ_POINT_KEYS if k in members), None)
+            if key is None and len(members) == 1:
+                key = next(iter(members))
+            if key is None:
+                raise PointCloudError(
+                    f"{path.name}: no point array found (keys: {', '.join(sorted(members)) or 'none'}); "
+                    f"name it one of {', '.join(NPZ_POINT_KEYS)} (shape [N, 3] or [N, 6])"
+                )
+            color_key = next((k for k in NPZ_COLOR_KEYS if k in members), None)
+            arrays = {}
+            for name in dict.fromkeys(k for k in (key, color_key) if k is not None):  # only what is used
+                if archive.getinfo(members[name]).file_size > MAX_FILE_BYTES:
+                    raise PointCloudError(
+                        f"{path.name}: '{name}' unpacks to {archive.getinfo(members[name]).file_size:,} bytes, over the "
+                        f"limit of {MAX_FILE_BYTES:,}; subsample the cloud before saving it"
+                    )
+                with archive.open(members[name]) as handle:
+                    arrays[name] = _read_array(handle, f"{path.name}: '{name}'")
+    except PointCloudError:
+        raise
     except Exception as exc:
         raise PointCloudError(f"{path.name} is unreadable or corrupt ({exc}); re-export it") from exc
-    key = next((k for k in NPZ_POINT_KEYS if k in arrays), None)
-    if key is None and len(arrays) == 1:
-        key = next(iter(arrays))
-    if key is None:
-        raise PointCloudError(
-            f"{path.name}: no point array found (keys: {', '.join(sorted(arrays)) or 'none'}); "
-            f"name it one of {', '.join(NPZ_POINT_KEYS)} (shape [N, 3] or [N, 6])"
-        )
     xyz, colors = _split_columns(arrays[key], path.name)
-    color_key = next((k for k in NPZ_COLOR_KEYS if k in arrays), None)
     if colors is None and color_key is not None:
         rgb = arrays[color_key]
         if rgb.shape != xyz.shape:
@@ -167,25 +211,42 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _read_text(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``x y z [r g b]`` lines (commas allowed; ``#``/``//`` comments; a leading point count in .pts) into
+    one float64 array, line by line: memory is the array itself, not a list of strings per value."""
+    values = array.array("d")
+    columns = None
+    rows = 0
     try:
-        text = path.read_text(encoding="utf-8", errors="strict")
+        with open(path, encoding="utf-8", errors="strict") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                tokens = line.replace(",", " ").split()
+                if not tokens or tokens[0].startswith(("#", "//")):
+                    continue
+                if columns is None and len(tokens) == 1:
+                    continue  # .pts files may start with the point count
+                if columns is None:
+                    columns = len(tokens)
+                elif len(tokens) != columns:
+                    raise PointCloudError(
+                        f"{path.name}: line {line_number} has {len(tokens)} values, the first point line has {columns}; fix the file"
+                    )
+                if rows >= MAX_FILE_POINTS:
+                    raise PointCloudError(
+                        f"{path.name} has more than {MAX_FILE_POINTS:,} points, the limit per file; subsample the cloud"
+                    )
+                try:
+                    values.extend(float(token) for token in tokens)
+                except ValueError as exc:
+                    raise PointCloudError(
+                        f"{path.name}: line {line_number}: not all values are numbers ({exc}); expected 'x y z' or "
+                        "'x y z r g b' per line"
+                    ) from exc
+                rows += 1
     except (OSError, UnicodeDecodeError) as exc:
         raise PointCloudError(f"{path.name} is unreadable or corrupt as text ({exc}); export it as ASCII x y z [r g b]") from exc
-    lines = [line.replace(",", " ").split() for line in text.splitlines()]
-    rows = [tokens for tokens in lines if tokens and not tokens[0].startswith(("#", "//"))]
-    if rows and len(rows[0]) == 1:
-        rows = rows[1:]  # .pts files may start with the point count
     if not rows:
         raise PointCloudError(f"{path.name} has no point lines; expected 'x y z' or 'x y z r g b' per line")
-    columns = len(rows[0])
-    if any(len(tokens) != columns for tokens in rows):
-        bad = next(i for i, tokens in enumerate(rows) if len(tokens) != columns)
-        raise PointCloudError(f"{path.name}: line {bad + 1} of the points has {len(rows[bad])} values, the first has {columns}; fix the file")
-    try:
-        array = np.array([value for tokens in rows for value in tokens], dtype=np.float64).reshape(len(rows), columns)
-    except ValueError as exc:
-        raise PointCloudError(f"{path.name}: not all values are numbers ({exc}); expected 'x y z' or 'x y z r g b' per line") from exc
-    return _split_columns(array, path.name, text=True)
+    return _split_columns(np.frombuffer(values, dtype=np.float64).reshape(rows, columns), path.name, text=True)
 
 
 def _mesh_colors(mesh, faces: np.ndarray, barycentric: np.ndarray) -> np.ndarray | None:
@@ -298,8 +359,14 @@ def load_point_cloud(
         raise PointCloudError(f"{path.name}: unsupported point cloud file type; use one of {', '.join(SUFFIXES)}")
     if not path.is_file():
         raise PointCloudError(f"point cloud file not found: {path}")
-    if surface_points < MIN_POINTS:
-        raise PointCloudError(f"surface_points must be at least {MIN_POINTS}, got {surface_points}")
+    if not MIN_POINTS <= surface_points <= MAX_SURFACE_POINTS:
+        raise PointCloudError(f"surface_points must be from {MIN_POINTS} to {MAX_SURFACE_POINTS:,}, got {surface_points}")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise PointCloudError(
+            f"{path.name} is {size / 2**20:.0f} MiB, over the limit of {MAX_FILE_BYTES >> 20} MiB per point-cloud file; "
+            "decimate the mesh or subsample the cloud"
+        )
     if suffix == ".npy":
         xyz, colors = _read_npy(path)
     elif suffix == ".npz":

@@ -34,10 +34,30 @@ ENCODER_CLASSES = {
     "clip": "CLIPTextModel",
 }
 _DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+# A prompt longer than this is refused before it is tokenised: every recipe reads 77 or 120 tokens, and
+# tokenising a multi-megabyte prompt pasted into a graph would hold the server for seconds.
+MAX_PROMPT_CHARS = 50_000
+# Every transformers Auto* call: the local folder only, and never code shipped in it (said explicitly, so
+# transformers refuses instead of asking on a terminal a server does not have).
+OFFLINE_NO_REMOTE_CODE = {"local_files_only": True, "trust_remote_code": False}
 
 
 class TextEncoderFolderError(ValueError):
     """A text-encoder folder that cannot be loaded; the message says what is missing and how to fix it."""
+
+
+def check_prompts(texts: Sequence[str]) -> list[str]:
+    """``texts`` as a list of strings, each at most :data:`MAX_PROMPT_CHARS` long, or ``ValueError`` naming the limit."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for text in texts:
+        if not isinstance(text, str):
+            raise ValueError(f"a prompt must be text, got {type(text).__name__}")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"the prompt has {len(text):,} characters, over the limit of {MAX_PROMPT_CHARS:,}; only its first 77 "
+                "tokens are used, so shorten it"
+            )
+    return texts
 
 
 def is_encoder_folder(path: Path) -> bool:
@@ -112,6 +132,7 @@ class HFTextEncoder(nn.Module):
         return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        texts = check_prompts(texts)
         for text in texts:
             n = self.count_tokens(text)
             if n > self.max_length:
@@ -141,21 +162,24 @@ def load_text_encoder(folder: str | os.PathLike[str], dtype: torch.dtype = torch
     folder = Path(folder)
     check_encoder_folder(folder)
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(folder, **OFFLINE_NO_REMOTE_CODE)
     except (ValueError, KeyError) as exc:
-        raise TextEncoderFolderError(f"{folder.name}: config.json is not a model transformers knows ({exc})") from exc
+        raise TextEncoderFolderError(
+            f"{folder.name}: config.json is not a model transformers knows, and code shipped in a model folder is never "
+            f"run ({str(exc)[:300]})"
+        ) from exc
     class_name = ENCODER_CLASSES.get(config.model_type)
-    kwargs = {"local_files_only": True, _DTYPE_KWARG: dtype}
+    kwargs = {**OFFLINE_NO_REMOTE_CODE, _DTYPE_KWARG: dtype}
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **OFFLINE_NO_REMOTE_CODE)
         if class_name is not None:
             model = getattr(transformers, class_name).from_pretrained(folder, **kwargs)
         elif getattr(config, "is_encoder_decoder", False):
             model = transformers.AutoModel.from_pretrained(folder, **kwargs).get_encoder()
         else:
             model = transformers.AutoModel.from_pretrained(folder, **kwargs)
-    except OSError as exc:
-        raise TextEncoderFolderError(f"{folder.name} could not be loaded offline: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise TextEncoderFolderError(f"{folder.name} could not be loaded offline without running its own code: {str(exc)[:300]}") from exc
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often lack a pad token; padding to 77 needs one.
         tokenizer.pad_token = tokenizer.eos_token

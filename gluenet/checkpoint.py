@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 
 from ..weights import (
+    build_and_load,
     describe_keys,
     read_torch_checkpoint,
     save_safetensors_atomic,
-    state_dict_mismatch,
     unwrap_state_dict,
 )
 from .config import GlueNetConfig, GlueNetConfigError
@@ -146,12 +146,10 @@ def official_config(network: GlueNetConfig, filename: str = "") -> GlueNetConfig
 
 
 def build_gluenet(config: GlueNetConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> GlueNet:
-    """Construct the network and load ``state_dict`` strictly, with a readable error on mismatch."""
-    model = GlueNet(config)
-    details = state_dict_mismatch(model.state_dict(), state_dict)
-    if details:
-        raise GlueNetFileError(f"{source}: weights do not fit a {config.architecture} GlueNet: {details}")
-    model.load_state_dict(state_dict, strict=True)
+    """Construct the network and load ``state_dict`` strictly, with a readable error on mismatch (checked
+    on the meta device first, so nothing is allocated for a network the weights do not fill)."""
+    model = build_and_load(lambda: GlueNet(config), state_dict, GlueNetFileError,
+                           f"{source}: weights do not fit a {config.architecture} GlueNet")
     return model.eval().requires_grad_(False)
 
 

@@ -19,6 +19,13 @@ class GlueNetConfigError(ValueError):
     """A GlueNet configuration that cannot describe a working translator."""
 
 
+# Bounds on a configuration read from a file's metadata, far past any real translator (the released ones
+# are 77 tokens, 1024 wide, depth 5): a 300-byte file must not describe a network that takes minutes or
+# gigabytes to build before its weights are checked.
+LIMITS = {"num_tokens": 4096, "num_tokens_out": 4096, "in_dim": 16384, "out_dim": 16384, "mult": 16, "depth": 64,
+          "attn_heads": 128, "attn_dim_head": 512}
+
+
 @dataclass(frozen=True)
 class GlueNetConfig:
     """Shape of the translator network plus how features enter and leave it.
@@ -61,9 +68,12 @@ class GlueNetConfig:
             raise GlueNetConfigError(
                 f"unknown output_scaling {self.output_scaling!r}; expected one of {', '.join(OUTPUT_SCALINGS)}"
             )
-        for name in ("num_tokens", "in_dim", "out_dim", "mult", "depth", "attn_heads", "attn_dim_head"):
-            if int(getattr(self, name)) <= 0:
-                raise GlueNetConfigError(f"GlueNet {name} must be positive, got {getattr(self, name)}")
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name == "num_tokens_out":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+                raise GlueNetConfigError(f"GlueNet {name} must be a whole number from 1 to {limit}, got {value!r}")
         if self.architecture == "translator_w_head" and self.depth < 3:
             raise GlueNetConfigError("translator_w_head needs depth >= 3 (three input-side blocks)")
         if self.input_divisor <= 0:

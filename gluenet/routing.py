@@ -50,6 +50,9 @@ def has_letters(text: str) -> bool:
     return any(unicodedata.category(ch).startswith("L") for ch in text)
 
 
+DETECTION_CHARS = 2000
+
+
 def detect_language(text: str, candidates: frozenset[str]) -> tuple[str, float]:
     """Language of ``text``: one of ``candidates``, or another language when that is confident.
 
@@ -57,6 +60,9 @@ def detect_language(text: str, candidates: frozenset[str]) -> tuple[str, float]:
     """
     if len(candidates) == 1:
         return next(iter(candidates)), 1.0
+    # The encoders read the first 77 tokens: the language of what they read is what matters, and a
+    # bounded sample keeps a pasted book from holding the server.
+    text = text[:DETECTION_CHARS]
     language, probability = _identifier(None).classify(text)
     if language in candidates or probability >= CONFIDENT_OTHER_LANGUAGE:
         return str(language), float(probability)

@@ -19,14 +19,17 @@ import torch
 from x2i.encoders.audio_input import (
     GLUEGEN_CLIP_SAMPLES,
     KAISER_BEST,
+    MAX_RESAMPLE_KERNEL,
     SILENT_VALUE,
     AudioInputError,
     check_waveform,
     pad_like_gluegen,
     resample,
+    resample_kernel_values,
     scale_to_int16_range,
     to_gluegen_waveform,
 )
+from x2i_testing import cost_of
 
 LENGTH = GLUEGEN_CLIP_SAMPLES
 
@@ -200,6 +203,8 @@ def test_empty_audio_is_refused(shape, message):
         (torch.ones(1, 2, 10), 44100.5, "positive whole number"),
         (torch.ones(1, 2, 10), float("nan"), "positive whole number"),
         (torch.ones(1, 2, 10), "fast", "number of Hz"),
+        (torch.ones(1, 2, 10), 3999, "3999 Hz is outside 4000-768000 Hz"),
+        (torch.ones(1, 2, 10), 10**12, "is outside 4000-768000 Hz"),
     ],
 )
 def test_other_bad_inputs_are_refused(waveform, rate, message):
@@ -256,3 +261,36 @@ def test_resample_is_the_kaiser_best_filter_and_keeps_length():
     assert resample(x, 44100) is x
     assert KAISER_BEST == {"lowpass_filter_width": 64, "rolloff": 0.9475937167399596,
                            "resampling_method": "sinc_interp_kaiser", "beta": 14.769656459379492}
+
+
+# -- bounded work ---------------------------------------------------------------------------------
+
+STANDARD_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 176400, 192000, 352800, 384000)
+
+
+def test_the_filter_bank_estimate_is_torchaudios():
+    from torchaudio.functional.functional import _get_sinc_resample_kernel
+
+    for source, target in ((8000, 44100), (44100, 48000), (22050, 48000), (96000, 44100)):
+        kernel, _ = _get_sinc_resample_kernel(source, target, math.gcd(source, target), dtype=torch.float32, **KAISER_BEST)
+        assert kernel.shape[0] * kernel.shape[-1] <= resample_kernel_values(source, target)
+        assert kernel.shape[0] * kernel.shape[-1] > 0.9 * resample_kernel_values(source, target)
+
+
+def test_standard_rates_resample_exactly():
+    for rate in STANDARD_RATES:
+        for target in (44100, 48000):  # AudioCLIP's and CLAP's rates
+            assert resample_kernel_values(rate, target) <= MAX_RESAMPLE_KERNEL, (rate, target)
+
+
+def test_an_odd_rate_costs_bounded_memory_and_is_resampled_as_its_nearest_100_hz(caplog):
+    # A 2 KB WAV at 96,001 Hz: the exact filter bank would hold 4.2e9 float64 values (32 GiB).
+    assert resample_kernel_values(96001, 44100) > 1000 * MAX_RESAMPLE_KERNEL
+    x = noise(1, 2, 1000, seed=9)
+    with caplog.at_level(logging.WARNING):
+        out = resample(x, 96001)
+    assert "resampling it as 96000 Hz instead (pitch off by 0.001%)" in caplog.text
+    assert torch.equal(out, resample(x, 96000))
+    cost = cost_of("to_gluegen_waveform(torch.randn(1, 2, 1000), 96001)",
+                   setup="import torch\nfrom x2i.encoders.audio_input import to_gluegen_waveform")
+    assert cost["error"] is None and cost["peak_mib"] < 200 and cost["seconds"] < 20, cost

@@ -17,7 +17,7 @@ from x2i.bridge.adapter import (
     load_adapter,
 )
 from x2i.bridge.errors import LaViBridgeFileError
-from x2i_testing import DATA_DIR
+from x2i_testing import DATA_DIR, cost_of
 
 GOLDEN = DATA_DIR / "lavibridge_adapter_golden.safetensors"
 LAYOUTS = json.loads((DATA_DIR / "lavibridge_adapter_layouts.json").read_text())
@@ -153,5 +153,23 @@ def test_forward_refuses_the_wrong_width():
 
 
 def test_config_rejects_nonsense_sizes():
-    with pytest.raises(LaViBridgeFileError, match="int_dim must be a positive integer"):
+    with pytest.raises(LaViBridgeFileError, match="int_dim must be a whole number from 1 to 16384, got 0"):
         TextAdapterConfig(8, 0, 6)
+    with pytest.raises(LaViBridgeFileError, match="in_dim must be a whole number from 1 to 16384, got 1000000"):
+        TextAdapterConfig(10**6, 8, 6)
+
+
+def test_a_config_describing_a_huge_adapter_is_refused_before_anything_is_allocated(tmp_path):
+    # 16384 -> 16384 -> 16384 at the limits: ~2.4e9 parameters (9.6 GB) described by a 2-tensor folder.
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"in_dim": 16384, "int_dim": 16384, "out_dim": 16384}))
+    save_file({"norm1.weight": torch.ones(2), "norm1.bias": torch.zeros(2)}, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(LaViBridgeFileError, match=r"does not fit the TextAdapter\(16384, 16384, 16384\) of its config.json: missing"):
+        load_adapter(folder)
+    cost = cost_of(f"load_adapter({str(folder)!r})", setup="from x2i.bridge.adapter import load_adapter")
+    assert cost["error"].startswith("LaViBridgeFileError") and cost["peak_mib"] < 100 and cost["seconds"] < 30, cost

@@ -11,9 +11,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from x2i.gluenet import GlueNetFileError, load_gluenet, probe_gluenet_file, save_gluenet
-from x2i.gluenet.checkpoint import language_from_filename
+from x2i.gluenet.checkpoint import FORMAT_VERSION, language_from_filename
 from x2i.gluenet.convert import main as convert_main
-from x2i_testing import official_layout, random_state_dict, reference_tensor_norm_half, reference_translator_noln
+from x2i_testing import (
+    cost_of,
+    official_layout,
+    random_state_dict,
+    reference_tensor_norm_half,
+    reference_translator_noln,
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +152,42 @@ def test_future_format_versions_ask_for_an_update(small_text_gluenet_state, tmp_
     save_file(dict(small_text_gluenet_state), str(path), metadata={"format": "x2i.gluenet", "format_version": "9", "config": "{}"})
     with pytest.raises(GlueNetFileError, match="update the node pack"):
         probe_gluenet_file(path)
+
+
+def write_metadata_only_gluenet(path: Path, **fields) -> Path:
+    """A few hundred bytes: one tiny tensor and metadata describing whatever network ``fields`` say."""
+    import json
+
+    config = {"architecture": "translator", "num_tokens": 77, "in_dim": 1024, "out_dim": 768, "depth": 5} | fields
+    save_file({"blocks.0.net_tok.0.weight": torch.zeros(1)}, str(path),
+              metadata={"format": "x2i.gluenet", "format_version": FORMAT_VERSION, "config": json.dumps(config)})
+    return path
+
+
+def test_metadata_describing_a_huge_network_is_refused_before_anything_is_allocated(tmp_path):
+    # At every limit at once: 4096 tokens x 16384 wide, depth 64 would be ~10^11 parameters (400 GB).
+    path = write_metadata_only_gluenet(tmp_path / "bomb.safetensors", num_tokens=4096, in_dim=16384, out_dim=16384, depth=64, mult=16,
+                                      output_scaling="none")
+    assert path.stat().st_size < 1000
+    with pytest.raises(GlueNetFileError, match="weights do not fit a translator GlueNet: missing"):
+        load_gluenet(path)
+    # What the refusal costs: building 64 blocks of modules on the meta device (~120 MiB of Python objects
+    # measured), against the hundreds of gigabytes the described network would take.
+    cost = cost_of(f"load_gluenet({str(path)!r})", setup="from x2i.gluenet import load_gluenet")
+    assert cost["error"].startswith("GlueNetFileError") and cost["peak_mib"] < 500 and cost["seconds"] < 30, cost
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"depth": 10**9}, "depth must be a whole number from 1 to 64, got 1000000000"),
+    ({"in_dim": 16385}, "in_dim must be a whole number from 1 to 16384"),
+    ({"num_tokens": "77"}, "num_tokens must be a whole number from 1 to 4096, got '77'"),
+    ({"mult": 0}, "mult must be a whole number from 1 to 16, got 0"),
+])
+def test_configurations_past_the_limits_are_refused(tmp_path, fields, message):
+    path = write_metadata_only_gluenet(tmp_path / "odd.safetensors", **fields)
+    for read in (load_gluenet, probe_gluenet_file):
+        with pytest.raises(GlueNetFileError, match=message):
+            read(path)
 
 
 def test_unsupported_suffix_and_missing_file(tmp_path):

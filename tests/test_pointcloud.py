@@ -18,6 +18,7 @@ from x2i.encoders.pointcloud import (
     normalize_to_unit_sphere,
     render_preview,
 )
+from x2i_testing import cost_of
 
 RNG = np.random.default_rng(0)
 
@@ -298,3 +299,61 @@ def test_preview_stands_z_up_models_upright():
     assert width > height
     with pytest.raises(PointCloudError, match="up axis must be one of y, z"):
         render_preview(pole, up_axis="x")
+
+
+# --- bounded work ----------------------------------------------------------------------------------
+
+
+def test_an_array_header_claiming_too_many_points_is_refused_before_any_data_is_read(tmp_path):
+    path = tmp_path / "bomb.npy"
+    with open(path, "wb") as f:  # 128 bytes claiming 10^11 points (2.4 TB of float64)
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (10**11, 3)})
+    with pytest.raises(PointCloudError, match=r"bomb.npy: an array of shape \(100000000000, 3\) is over the limit of 10,000,000 points"):
+        load_point_cloud(path)
+
+
+def test_npz_members_are_checked_by_header_and_only_the_needed_ones_read(tmp_path):
+    import zipfile
+
+    path = tmp_path / "cloud.npz"
+    xyz = _cloud()
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("xyz.npy", "w") as member:
+            np.lib.format.write_array(member, xyz)
+        with archive.open("junk.npy", "w", force_zip64=True) as member:  # 300 MB of zeros in ~300 KB
+            np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (300 << 20,)})
+            for _ in range(300):
+                member.write(bytes(1 << 20))
+    assert path.stat().st_size < 2 << 20
+    np.testing.assert_array_equal(load_point_cloud(path).points.numpy(), xyz)
+    cost = cost_of(f"load_point_cloud({str(path)!r})", setup="from x2i.encoders.pointcloud import load_point_cloud")
+    assert cost["error"] is None and cost["peak_mib"] < 60 and cost["seconds"] < 10, cost
+
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("points.npy", "w") as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "<f8", "fortran_order": False, "shape": (10**9, 3)})
+    with pytest.raises(PointCloudError, match=r"bomb.npz: 'points': an array of shape \(1000000000, 3\) is over the limit"):
+        load_point_cloud(bomb)
+
+
+def test_text_clouds_cost_about_their_array_not_fifty_times_their_size(tmp_path):
+    path = tmp_path / "scan.xyz"
+    rows = np.random.default_rng(0).random((400_000, 6))
+    np.savetxt(path, rows, fmt="%.6f")  # 400k points with colours, ~21 MB of text
+    cloud = load_point_cloud(path)
+    np.testing.assert_allclose(cloud.points.numpy(), rows[:, :3], atol=1e-6)
+    cost = cost_of(f"load_point_cloud({str(path)!r})", setup="from x2i.encoders.pointcloud import load_point_cloud")
+    # Measured: 43 MiB (the 19 MB float64 array and its float32 copy); parsed into lists of strings it took 278 MiB.
+    assert cost["error"] is None and cost["peak_mib"] < 150, cost
+
+
+def test_oversized_files_and_sample_counts_are_refused_naming_the_limit(tmp_path):
+    big = tmp_path / "big.ply"
+    with open(big, "wb") as f:
+        f.truncate(600 << 20)  # sparse: nothing is written or read
+    with pytest.raises(PointCloudError, match=r"big.ply is 600 MiB, over the limit of 512 MiB per point-cloud file"):
+        load_point_cloud(big)
+    (tmp_path / "ok.xyz").write_text("\n".join(" ".join(f"{v:.4f}" for v in row) for row in _cloud()))
+    with pytest.raises(PointCloudError, match=r"surface_points must be from 32 to 1,000,000, got 10000000000"):
+        load_point_cloud(tmp_path / "ok.xyz", surface_points=10**10)

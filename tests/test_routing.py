@@ -55,3 +55,12 @@ def test_misconfigured_routers_fail_early():
         GlueNetRouter({})
     with pytest.raises(LanguageRoutingError, match="language is set to 'de'.*connected: fr"):
         GlueNetRouter({"fr": "a"}, language="de")
+
+
+def test_language_is_detected_on_what_the_encoder_reads_in_bounded_time():
+    from x2i.gluenet.routing import DETECTION_CHARS, detect_language
+
+    french = "Peinture impressionniste d'un jardin d'après-midi, un chat assis sur un tapis rouge. "
+    languages = frozenset({"fr", "zh"})
+    assert detect_language(french * 100_000 + "下午的花园的印象派绘画" * 100_000, languages)[0] == "fr"
+    assert detect_language("下午的花园的印象派绘画" * (DETECTION_CHARS // 10) + french * 1000, languages)[0] == "zh"

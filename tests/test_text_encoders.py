@@ -10,6 +10,49 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from x2i.encoders import TextEncoderFolderError, list_encoder_folders, load_text_encoder
+from x2i_testing import ENCODER_HALF, assert_close_in_half
+
+PROMPTS = ["Peinture impressionniste d'un jardin", "a photo of an astronaut riding a horse on mars", ""]
+
+
+def official_features(folder, texts: list[str], mask: bool = True) -> torch.Tensor:
+    """GlueGen's call, on the CPU in float32: 77 tokens, max_length padding, last_hidden_state."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).float().eval()
+    if model.config.is_encoder_decoder:
+        model = model.get_encoder()
+    tokens = tokenizer(texts, truncation=True, max_length=77, padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"] if mask else None)["last_hidden_state"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_text(tmp_path_factory):
+    from training_testing import make_clip_text_folder
+
+    return make_clip_text_folder(tmp_path_factory.mktemp("encoders") / "clip-text-tiny", hidden=48)
+
+
+@pytest.fixture(params=["tiny_xlmr", "tiny_t5", "tiny_clip_text"])
+def encoder_folder(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.device
+def test_encoders_match_the_official_call_on_the_device(encoder_folder, device):
+    encoder = load_text_encoder(encoder_folder).to(device)
+    got = encoder.encode(PROMPTS)
+    assert got.device.type == device.type and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), official_features(encoder_folder, PROMPTS), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.device
+def test_float16_encoders_stay_close_to_float32(encoder_folder, device):
+    """What dtype "auto" gives on a GPU (ComfyUI's text-encoder precision)."""
+    encoder = load_text_encoder(encoder_folder, dtype=ENCODER_HALF).to(device)
+    assert encoder.dtype == ENCODER_HALF
+    got = encoder.encode(PROMPTS)
+    assert_close_in_half(got, official_features(encoder_folder, PROMPTS), ENCODER_HALF, encoder.name)
 
 
 def test_xlm_roberta_features_match_the_official_call(tiny_xlmr):
@@ -17,10 +60,8 @@ def test_xlm_roberta_features_match_the_official_call(tiny_xlmr):
     texts = ["Peinture impressionniste d'un jardin", ""]
     got = encoder.encode(texts)
     tokenizer = AutoTokenizer.from_pretrained(tiny_xlmr)
-    model = AutoModel.from_pretrained(tiny_xlmr).float().eval()
     tokens = tokenizer(texts, truncation=True, max_length=77, padding="max_length", return_tensors="pt")
-    with torch.no_grad():
-        expected = model(**tokens)["last_hidden_state"]
+    expected = official_features(tiny_xlmr, texts)
     assert got.shape == (2, 77, 64) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected)
     # All 77 positions go in, padding included, and padding differs from content.
@@ -75,3 +116,32 @@ def test_encoder_folders_are_listed_up_to_two_levels(tiny_xlmr, tmp_path):
     shutil.copytree(tiny_xlmr, tmp_path / "xlm-roberta-large")
     (tmp_path / "clip_l.safetensors").write_bytes(b"")
     assert list_encoder_folders([tmp_path, tmp_path / "missing"]) == ["google/xlmr", "xlm-roberta-large"]
+
+
+def test_code_shipped_in_a_model_folder_is_never_run(tiny_xlmr, tmp_path):
+    import json
+
+    folder = tmp_path / "remote-code"
+    shutil.copytree(tiny_xlmr, folder)
+    marker = tmp_path / "ran"
+    (folder / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "configuration_evil.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TextEncoderFolderError, match="code shipped in a model folder is never run"):
+        load_text_encoder(folder)
+    assert not marker.exists()
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenised(tiny_xlmr, tiny_t5):
+    from x2i.bridge.language_models import encode_prompt_for_bridge, load_language_model
+    from x2i.encoders.text import MAX_PROMPT_CHARS
+
+    encoder = load_text_encoder(tiny_xlmr)
+    assert encoder.encode(["a" * MAX_PROMPT_CHARS]).shape == (1, 77, 64)  # at the limit: read, cut to 77 tokens
+    message = r"the prompt has 5,000,000 characters, over the limit of 50,000; only its first 77 tokens are used"
+    with pytest.raises(ValueError, match=message):
+        encoder.encode(["un chat " * 625_000])
+    bridge_lm = load_language_model(tiny_t5, "t5_unet")
+    with pytest.raises(ValueError, match=message):
+        encode_prompt_for_bridge("t5_unet", bridge_lm, bridge_lm.tokenizer, "un chat " * 625_000)

@@ -342,7 +342,10 @@ def test_a_config_or_its_fields_but_not_both():
         (dict(depth=13), "must be even"),
         (dict(width=500), "not divisible by heads 8"),
         (dict(image_size=33), "not a multiple of patch_size"),
-        (dict(heads=0), "heads must be a positive integer"),
+        (dict(heads=0), "heads must be a whole number from 1 to 256, got 0"),
+        (dict(depth=10**9), "depth must be a whole number from 0 to 256, got 1000000000"),
+        (dict(width=1 << 20), "width must be a whole number from 1 to 8192"),
+        (dict(image_size="64"), "image_size must be a whole number from 1 to 1024, got '64'"),
     ],
 )
 def test_bad_configs_are_refused(fields, message):

@@ -30,6 +30,11 @@ BlockId = tuple[str, int]
 SECTIONS = ("input", "middle", "output")
 DEFAULT_BLOCKS = "middle"
 _ITEM = re.compile(r"^(input|middle|output)(?::(\d+)(?:-(\d+))?)?$")
+# Bounds on what a spec can cost (it is parsed while ComfyUI validates a prompt): SD1.x/SD2 U-Nets have
+# 12 input and 12 output blocks, SDXL 9; no U-Net ComfyUI loads has 64. The length bound also keeps
+# int() of a digit string cheap.
+MAX_BLOCK_INDEX = 63
+MAX_SPEC_CHARS = 1000
 
 
 class BlockSpecError(ValueError):
@@ -54,6 +59,11 @@ def parse_blocks(spec: str, available: Sequence[BlockId] | None = None) -> tuple
     """
     if not isinstance(spec, str):
         raise BlockSpecError(f"blocks must be a string like 'middle' or 'input:7,input:8,middle', got {type(spec).__name__}")
+    if len(spec) > MAX_SPEC_CHARS:
+        raise BlockSpecError(
+            f"the blocks string has {len(spec)} characters (at most {MAX_SPEC_CHARS}): name blocks with ranges "
+            "like input:4-8, or input / output for all of them"
+        )
     chosen: list[BlockId] = []
     for raw in spec.split(","):
         item = raw.strip().lower().replace(" ", "")
@@ -80,6 +90,11 @@ def parse_blocks(spec: str, available: Sequence[BlockId] | None = None) -> tuple
         lo, hi = int(first), int(last if last is not None else first)
         if hi < lo:
             raise BlockSpecError(f"'{raw.strip()}': the range runs backwards")
+        if hi > MAX_BLOCK_INDEX:
+            raise BlockSpecError(
+                f"'{raw.strip()}': block {hi} is past the last block of any U-Net (the highest index is "
+                f"{MAX_BLOCK_INDEX}; SD1.x has input:0-11 and output:0-11)"
+            )
         chosen.extend((name, i) for i in range(lo, hi + 1))
     if available is not None:
         known = set(available)

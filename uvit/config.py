@@ -19,6 +19,14 @@ PAPER_N_IMAGE = 4
 PAPER_N_TEXT = 1
 
 
+# Bounds on a configuration read from file metadata, far past U-ViT-Huge (1152 wide, depth 28, 64²
+# latents): a small file must not describe a network that takes minutes or gigabytes to build.
+LIMITS = {
+    "image_size": (1, 1024), "patch_size": (1, 64), "in_channels": (1, 64), "width": (1, 8192), "heads": (1, 256),
+    "context_dim": (1, 16384), "text_tokens": (1, 4096), "depth": (0, 256), "n_image": (0, 128), "n_text": (0, 128),
+}
+
+
 class UViTConfigError(ValueError):
     """A U-ViT configuration that cannot describe a working network."""
 
@@ -78,14 +86,10 @@ class UViTConfig:
             object.__setattr__(self, "n_image", 0 if early else PAPER_N_IMAGE)
         if self.n_text is None:
             object.__setattr__(self, "n_text", 0 if early else PAPER_N_TEXT)
-        for name in ("image_size", "patch_size", "in_channels", "width", "heads", "context_dim", "text_tokens"):
+        for name, (low, high) in LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UViTConfigError(f"U-ViT {name} must be a positive integer, got {value!r}")
-        for name in ("depth", "n_image", "n_text"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UViTConfigError(f"U-ViT {name} must be a non-negative integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise UViTConfigError(f"U-ViT {name} must be a whole number from {low} to {high}, got {value!r}")
         if self.depth % 2:
             raise UViTConfigError(f"U-ViT depth counts the blocks on both sides of the middle block and must be even, got {self.depth}")
         if early and (self.n_image or self.n_text):
