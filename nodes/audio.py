@@ -18,9 +18,11 @@ from .common import (
     GlueNetType,
     LoadedGlueNet,
     X2IEncoder,
+    X2INode,
     encoder_dtype,
     encoder_patcher,
     encoder_with,
+    find_in_folders,
     single_gluenet,
     translate_to_conditioning,
 )
@@ -35,7 +37,7 @@ def _audio_encoder_choices() -> list[str]:
     return sorted(files) + folders
 
 
-class X2IAudioEncoderLoader(io.ComfyNode):
+class X2IAudioEncoderLoader(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -54,17 +56,16 @@ class X2IAudioEncoderLoader(io.ComfyNode):
     @classmethod
     def execute(cls, encoder_name: str, dtype: str) -> io.NodeOutput:
         torch_dtype = encoder_dtype(dtype, mm.text_encoder_device())
-        for root in folder_paths.get_folder_paths(AUDIO_ENCODER_FOLDER):
-            folder = Path(root) / encoder_name
-            if folder.is_dir():
-                return io.NodeOutput(encoder_patcher(load_clap_audio(folder, dtype=torch_dtype)))
+        folder = find_in_folders(folder_paths.get_folder_paths(AUDIO_ENCODER_FOLDER), encoder_name, os.path.isdir)
+        if folder is not None:
+            return io.NodeOutput(encoder_patcher(load_clap_audio(folder, dtype=torch_dtype)))
         path = folder_paths.get_full_path_or_raise(AUDIO_ENCODER_FOLDER, encoder_name)
         module = load_audioclip_audio(path).to(torch_dtype)
         module.name = os.path.basename(path)
         return io.NodeOutput(encoder_patcher(module))
 
 
-class X2IGlueGenAudioEncode(io.ComfyNode):
+class X2IGlueGenAudioEncode(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

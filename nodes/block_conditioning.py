@@ -15,7 +15,7 @@ from ..uvit.block_conditioning import (
     format_blocks,
     parse_blocks,
 )
-from .common import CATEGORY
+from .common import CATEGORY, X2INode
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ BLOCKS_TOOLTIP = (
 )
 
 
-class X2IBlockConditioning(io.ComfyNode):
+class X2IBlockConditioning(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -48,12 +48,12 @@ class X2IBlockConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, blocks: str, **_) -> bool | str:
+    def check_inputs(cls, blocks: str | None = None, **_) -> str | None:
         try:
-            parse_blocks(blocks)
+            parse_blocks(blocks) if blocks is not None else None
         except BlockSpecError as exc:
             return str(exc)
-        return True
+        return None
 
     @classmethod
     def execute(cls, model, conditioning_blocks: list, blocks: str) -> io.NodeOutput:

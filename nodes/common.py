@@ -43,16 +43,90 @@ def model_folder_paths(names: Iterable[str]) -> list[str]:
     return [path for name in names for path in folder_paths.get_folder_paths(name)]
 
 
+def contained(root: str, name: str) -> str:
+    """``root`` joined with ``name`` the way ComfyUI's ``folder_paths.get_full_path`` does it: the name is
+    normalised as if it started at ``/``, so ``..`` and absolute paths cannot climb out of ``root``, while
+    a symlink a user placed inside ``root`` (a model folder on another disk) is followed as usual."""
+    return os.path.join(root, os.path.relpath(os.path.join("/", name), "/"))
+
+
+def find_in_folders(roots: Iterable[str], name: str, accept: Callable[[str], bool]) -> str | None:
+    """The first ``contained(root, name)`` that ``accept`` takes (``os.path.isfile``, a folder test...)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return None
+    return next((path for root in roots if accept(path := contained(root, name))), None)
+
+
 def resolve_encoder_folder(relative_name: str) -> str:
     """Absolute path of an encoder folder listed by :func:`encoders.list_encoder_folders`."""
-    for root in model_folder_paths(TEXT_ENCODER_FOLDERS):
-        candidate = os.path.join(root, relative_name)
-        if os.path.isfile(os.path.join(candidate, "config.json")):
-            return candidate
-    raise FileNotFoundError(
-        f"text encoder folder '{relative_name}' not found in {', '.join(TEXT_ENCODER_FOLDERS)} "
-        "(put Hugging Face model folders in ComfyUI/models/text_encoders)"
-    )
+    path = find_in_folders(model_folder_paths(TEXT_ENCODER_FOLDERS), relative_name,
+                           lambda candidate: os.path.isfile(os.path.join(candidate, "config.json")))
+    if path is None:
+        raise FileNotFoundError(
+            f"text encoder folder '{relative_name}' not found in {', '.join(TEXT_ENCODER_FOLDERS)} "
+            "(put Hugging Face model folders in ComfyUI/models/text_encoders)"
+        )
+    return path
+
+
+def disk_state(path: str | None) -> tuple | None:
+    """What changes when a file or model folder is replaced on disk (every file's name, size and mtime), for
+    ``fingerprint_inputs``: ComfyUI re-runs a loader when it changes, not only when the chosen name does."""
+    if path is None or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return (stat.st_size, stat.st_mtime_ns)
+    state = []
+    for folder, _, files in os.walk(path, followlinks=True):
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            state.append((os.path.relpath(os.path.join(folder, name), path), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(state))
+
+
+def schema_problem(node: type[io.ComfyNode], values: dict, choices: bool = False) -> str | None:
+    """What is wrong with a node's widget values against its own schema: a number outside its min/max or
+    a combo value that is not text; with ``choices``, a combo value not among its options. ComfyUI 0.3.64
+    checks none of this for a V3 node with ``validate_inputs`` (nor combo options of any V3 node), so every
+    X2I node does it here. Linked inputs (``None`` while validating) are left to the node."""
+    for spec in node.define_schema().inputs:
+        value = values.get(spec.id)
+        if value is None:
+            continue
+        if isinstance(spec, io.Combo.Input) and spec.options is not None:
+            if not isinstance(value, type(spec.options[0]) if spec.options else str):
+                return f"{spec.id} must be one of the choices, got {type(value).__name__} {str(value)[:50]!r}"
+            if choices and value not in spec.options:
+                shown = ", ".join(map(str, spec.options[:8])) + (", ..." if len(spec.options) > 8 else "")
+                return f"{spec.id}: {str(value)[:200]!r} is not one of the choices ({shown or 'none installed'})"
+        if isinstance(spec, (io.Int.Input, io.Float.Input)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                return f"{spec.id} must be a number, got {str(value)[:50]!r}"
+            if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
+                return f"{spec.id} must be from {spec.min} to {spec.max}, got {value}"
+    return None
+
+
+def require_valid(node: type[io.ComfyNode], **values) -> None:
+    """:func:`schema_problem` while executing, for values that came through links and skipped validation."""
+    problem = schema_problem(node, values)
+    if problem:
+        raise ValueError(problem)
+
+
+class X2INode(io.ComfyNode):
+    """Base of every X2I node: before the graph runs, widget values are checked against the schema
+    (:func:`schema_problem`: numbers, types), then by the node's own :meth:`check_inputs` (a file that
+    must exist and be what it claims, with a message saying what it is), then against the combo choices."""
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return schema_problem(cls, values) or cls.check_inputs(**values) or schema_problem(cls, values, choices=True) or True
+
+    @classmethod
+    def check_inputs(cls, **values) -> str | None:
+        return None
 
 
 def encoder_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -80,6 +154,14 @@ def encoder_patcher(module: nn.Module) -> comfy.model_patcher.ModelPatcher:
     )
 
 
+def load_fully(patchers: list[comfy.model_patcher.ModelPatcher]) -> None:
+    """Load plain PyTorch / Hugging Face modules (encoders, GlueNets, adapters, language models) onto their
+    load device whole, as ComfyUI loads its own text encoders (``force_full_load``). Their layers have no
+    cast-on-the-fly weights, so a partial load (short VRAM) would leave the rest on the offload device:
+    a forward across two devices, and LoRA patches of the layers left behind silently not applied."""
+    mm.load_models_gpu(patchers, force_full_load=True)
+
+
 @dataclass(frozen=True)
 class LoadedGlueNet:
     """The GLUENET value: a managed GlueNet plus the language it was tagged with in the graph."""
@@ -100,7 +182,7 @@ def translate_to_conditioning(encoder, gluenet: LoadedGlueNet, encode: Callable[
     ``encode`` runs after loading, so it sees both models on their load device.
     """
     mm.throw_exception_if_processing_interrupted()
-    mm.load_models_gpu([encoder, gluenet.patcher])
+    load_fully([encoder, gluenet.patcher])
     features = encode()
     return to_conditioning(gluenet.patcher.model.translate(features, f"encoder '{encoder.model.name}'"))
 

@@ -7,12 +7,12 @@ import logging
 from comfy_api.latest import io
 
 from ..gluenet.fusion import top_k_fusion
-from .common import CATEGORY
+from .common import CATEGORY, X2INode, require_valid
 
 logger = logging.getLogger(__name__)
 
 
-class X2ITopKFusion(io.ComfyNode):
+class X2ITopKFusion(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -32,6 +32,7 @@ class X2ITopKFusion(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning_a: list, conditioning_b: list, k: int) -> io.NodeOutput:
+        require_valid(cls, k=k)  # a linked k skipped validation
         if not conditioning_a or not conditioning_b:
             raise ValueError("X2I Top-K Fusion needs two non-empty conditionings")
         if len(conditioning_b) > 1:

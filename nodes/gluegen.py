@@ -17,6 +17,8 @@ from .common import (
     GlueNetType,
     LoadedGlueNet,
     X2IEncoder,
+    X2INode,
+    disk_state,
     encoder_patcher,
     encoder_with,
     translate_to_conditioning,
@@ -29,7 +31,7 @@ FROM_FILE = "from file"
 ROUTER_SLOTS = 5
 
 
-class X2IGlueNetLoader(io.ComfyNode):
+class X2IGlueNetLoader(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -52,7 +54,7 @@ class X2IGlueNetLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, gluenet_name: str, language: str) -> bool | str:
+    def check_inputs(cls, gluenet_name: str, **_) -> str | None:
         path = folder_paths.get_full_path(GLUENET_FOLDER, gluenet_name)
         if path is None:
             return f"GlueNet file '{gluenet_name}' not found in models/{GLUENET_FOLDER}"
@@ -61,7 +63,11 @@ class X2IGlueNetLoader(io.ComfyNode):
                 probe_gluenet_file(path)
             except GlueNetFileError as exc:
                 return str(exc)
-        return True
+        return None
+
+    @classmethod
+    def fingerprint_inputs(cls, gluenet_name: str, **_) -> tuple | None:
+        return disk_state(folder_paths.get_full_path(GLUENET_FOLDER, gluenet_name))
 
     @classmethod
     def execute(cls, gluenet_name: str, language: str) -> io.NodeOutput:
@@ -71,7 +77,7 @@ class X2IGlueNetLoader(io.ComfyNode):
         return io.NodeOutput(LoadedGlueNet(encoder_patcher(model), os.path.basename(path), tag))
 
 
-class X2IGlueNetRouter(io.ComfyNode):
+class X2IGlueNetRouter(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -112,7 +118,7 @@ class X2IGlueNetRouter(io.ComfyNode):
         return io.NodeOutput(GlueNetRouter(entries, language=language))
 
 
-class X2IGlueGenTextEncode(io.ComfyNode):
+class X2IGlueGenTextEncode(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -47,8 +47,13 @@ from ..encoders import HFTextEncoder
 from .common import (
     CATEGORY,
     X2IEncoder,
+    X2INode,
+    disk_state,
     encoder_patcher,
     encoder_with,
+    find_in_folders,
+    load_fully,
+    require_valid,
     to_conditioning,
 )
 
@@ -94,10 +99,12 @@ def _bridge_names() -> list[str]:
 
 def _resolve_bridge(name: str) -> Path:
     """The released folder or the trained ``.safetensors`` file called ``name`` in models/lavi_bridge."""
-    for root in folder_paths.get_folder_paths(LAVI_BRIDGE_FOLDER):
-        path = Path(root) / name
-        if (name.endswith(TRAINED_BRIDGE_SUFFIX) and path.is_file()) or (path / "adapter").is_dir():
-            return path
+    path = find_in_folders(
+        folder_paths.get_folder_paths(LAVI_BRIDGE_FOLDER), name,
+        lambda path: (path.endswith(TRAINED_BRIDGE_SUFFIX) and os.path.isfile(path)) or os.path.isdir(os.path.join(path, "adapter")),
+    )
+    if path is not None:
+        return Path(path)
     raise FileNotFoundError(
         f"LaVi-Bridge '{name}' not found in models/{LAVI_BRIDGE_FOLDER}: it takes released folders (with an adapter/ "
         f"subfolder) and trained {TRAINED_BRIDGE_SUFFIX} bridge files"
@@ -239,7 +246,7 @@ def _patched(patcher, mapped: dict, key_map: dict[str, str], strength: float):
     return clone
 
 
-class X2ILaViBridgeLoader(io.ComfyNode):
+class X2ILaViBridgeLoader(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -260,7 +267,7 @@ class X2ILaViBridgeLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, bridge_name: str, unet_strength: float, text_strength: float, **_) -> bool | str:
+    def check_inputs(cls, bridge_name: str, **_) -> str | None:
         try:
             path = _resolve_bridge(bridge_name)
         except FileNotFoundError as exc:
@@ -270,12 +277,20 @@ class X2ILaViBridgeLoader(io.ComfyNode):
                 read_trained_bridge_metadata(path)  # metadata only: says what the file is when it is no bridge
             except LaViBridgeFileError as exc:
                 return str(exc)
-            return True
+            return None
         missing = [name for name in ("lora_vis.pt", "lora_text.pt") if not (path / name).is_file()]
-        return f"{bridge_name} lacks {' and '.join(missing)}: copy the whole released folder" if missing else True
+        return f"{bridge_name} lacks {' and '.join(missing)}: copy the whole released folder" if missing else None
+
+    @classmethod
+    def fingerprint_inputs(cls, bridge_name: str, **_) -> tuple | None:
+        try:
+            return disk_state(str(_resolve_bridge(bridge_name)))
+        except FileNotFoundError:
+            return None
 
     @classmethod
     def execute(cls, model, language_model, bridge_name: str, unet_strength: float, text_strength: float) -> io.NodeOutput:
+        require_valid(cls, unet_strength=unet_strength, text_strength=text_strength)  # linked values skip validation
         path = _resolve_bridge(bridge_name)
         lm: HFTextEncoder = encoder_with(language_model, "encode", "X2I Language Model Loader")
         parts = _trained_parts(path, bridge_name) if path.is_file() else _released_parts(path, bridge_name)
@@ -297,7 +312,7 @@ class X2ILaViBridgeLoader(io.ComfyNode):
         return io.NodeOutput(bridged_model, bridge)
 
 
-class X2ILaViBridgeTextEncode(io.ComfyNode):
+class X2ILaViBridgeTextEncode(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -317,7 +332,7 @@ class X2ILaViBridgeTextEncode(io.ComfyNode):
     @classmethod
     def execute(cls, bridge: LoadedBridge, text: str, quality_suffix: bool) -> io.NodeOutput:
         mm.throw_exception_if_processing_interrupted()
-        mm.load_models_gpu([bridge.language_model, bridge.adapter])
+        load_fully([bridge.language_model, bridge.adapter])
         lm: HFTextEncoder = bridge.language_model.model
         features = encode_prompt_for_bridge(bridge.recipe, lm, lm.tokenizer, text, add_prompt_suffix=quality_suffix)
         adapter = bridge.adapter.model

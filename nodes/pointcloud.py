@@ -17,9 +17,11 @@ from .common import (
     LoadedGlueNet,
     PointCloudType,
     X2IEncoder,
+    X2INode,
     encoder_dtype,
     encoder_patcher,
     encoder_with,
+    find_in_folders,
     single_gluenet,
     translate_to_conditioning,
 )
@@ -46,7 +48,12 @@ def _input_point_clouds() -> list[str]:
     return sorted(found)
 
 
-class X2IPointCloudLoader(io.ComfyNode):
+def _input_file(name: str) -> str | None:
+    """A point-cloud file the loader lists, inside ComfyUI's input folder (never outside it)."""
+    return find_in_folders([folder_paths.get_input_directory()], name, os.path.isfile)
+
+
+class X2IPointCloudLoader(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -64,25 +71,28 @@ class X2IPointCloudLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, file: str, surface_points: int, preview_up_axis: str) -> bool | str:
-        if not os.path.isfile(os.path.join(folder_paths.get_input_directory(), file)):
+    def check_inputs(cls, file: str, **_) -> str | None:
+        if _input_file(file) is None:
             return f"point cloud file '{file}' not found in ComfyUI's input folder"
-        return True
+        return None
 
     @classmethod
     def fingerprint_inputs(cls, file: str, surface_points: int, preview_up_axis: str) -> float | None:
         # Re-read when the file changes on disk, not only when its name changes.
-        path = os.path.join(folder_paths.get_input_directory(), file)
-        return os.path.getmtime(path) if os.path.isfile(path) else None
+        path = _input_file(file)
+        return os.path.getmtime(path) if path is not None else None
 
     @classmethod
     def execute(cls, file: str, surface_points: int, preview_up_axis: str) -> io.NodeOutput:
-        cloud = load_point_cloud(os.path.join(folder_paths.get_input_directory(), file), surface_points=surface_points)
+        path = _input_file(file)
+        if path is None:
+            raise FileNotFoundError(f"point cloud file '{file}' not found in ComfyUI's input folder")
+        cloud = load_point_cloud(path, surface_points=surface_points)
         preview = render_preview(cloud, up_axis=preview_up_axis).unsqueeze(0)
         return io.NodeOutput(cloud, preview, ui=ui.PreviewImage(preview, cls=cls))
 
 
-class X2IPointCloudEncoderLoader(io.ComfyNode):
+class X2IPointCloudEncoderLoader(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -105,7 +115,7 @@ class X2IPointCloudEncoderLoader(io.ComfyNode):
         return io.NodeOutput(encoder_patcher(module))
 
 
-class X2IGlueGenPointCloudEncode(io.ComfyNode):
+class X2IGlueGenPointCloudEncode(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -12,6 +12,7 @@ from .common import (
     DTYPE_CHOICES,
     TEXT_ENCODER_FOLDERS,
     X2IEncoder,
+    X2INode,
     encoder_dtype,
     encoder_patcher,
     model_folder_paths,
@@ -25,7 +26,7 @@ def _load_managed(folder_name: str, dtype: str):
     return encoder_patcher(module)
 
 
-class X2ITextEncoderLoader(io.ComfyNode):
+class X2ITextEncoderLoader(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -55,7 +56,7 @@ class X2ITextEncoderLoader(io.ComfyNode):
         return io.NodeOutput(_load_managed(encoder_name, dtype))
 
 
-class X2ILanguageModelLoader(io.ComfyNode):
+class X2ILanguageModelLoader(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -24,7 +24,7 @@ from comfy_api.latest import io
 
 from ..uvit import SamplingConvention, UViT, UViTConfig, UViTFileError, load_uvit_state_dict, probe_uvit_file
 from ..uvit.model import UViTInputError
-from .common import CATEGORY
+from .common import CATEGORY, X2INode, disk_state
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def load_uvit_model(path: str | os.PathLike[str], weight_dtype: str = "default")
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-class X2IUViTLoader(io.ComfyNode):
+class X2IUViTLoader(X2INode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -186,7 +186,7 @@ class X2IUViTLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, uvit_name: str, weight_dtype: str) -> bool | str:
+    def check_inputs(cls, uvit_name: str, **_) -> str | None:
         path = folder_paths.get_full_path(UVIT_FOLDER, uvit_name)
         if path is None:
             return f"U-ViT file '{uvit_name}' not found in models/{UVIT_FOLDER}"
@@ -195,7 +195,11 @@ class X2IUViTLoader(io.ComfyNode):
                 probe_uvit_file(path)
             except UViTFileError as exc:
                 return str(exc)
-        return True
+        return None
+
+    @classmethod
+    def fingerprint_inputs(cls, uvit_name: str, **_) -> tuple | None:
+        return disk_state(folder_paths.get_full_path(UVIT_FOLDER, uvit_name))
 
     @classmethod
     def execute(cls, uvit_name: str, weight_dtype: str) -> io.NodeOutput:

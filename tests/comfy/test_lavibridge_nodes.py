@@ -8,19 +8,11 @@ import shutil
 
 import pytest
 import torch
+from sd15_testing import SD15_UNET, seeded_weight
 from transformers import T5EncoderModel
 
 from x2i.bridge import LaViBridgeRecipe, encode_for_bridge, load_adapter, read_lora_pairs, unet_lora_targets
 from x2i_testing import write_lavibridge_folder
-
-SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +21,9 @@ def sd15_model(comfy):
     import comfy.model_patcher
 
     model = comfy.model_detection.model_config_from_unet_config(SD15_UNET).get_model({})
-    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # ComfyUI's constructors skip initialisation
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        for name, p in model.named_parameters():
+            p.copy_(seeded_weight(name, p.shape))
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
@@ -87,7 +78,7 @@ def test_text_encode_is_the_official_path_through_the_bridged_language_model(pac
     adapter = load_adapter(bridge_files / "adapter")
     features, _ = encode_for_bridge(LaViBridgeRecipe.T5_UNET, lm.model, lm.model.tokenizer, ["a red cube on a blue sphere"])
     with torch.no_grad():
-        torch.testing.assert_close(unpatched[0][0], adapter(features), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(unpatched[0][0], adapter(features.cpu()), atol=1e-5, rtol=1e-5)
 
 
 def test_a_bridge_on_the_wrong_model_is_refused(pack, comfy, bridge_files, tiny_xlmr):
@@ -105,11 +96,11 @@ def test_a_bridge_on_the_wrong_model_is_refused(pack, comfy, bridge_files, tiny_
 
 
 def test_missing_bridge_files_fail_validation(pack, bridge_files):
-    assert pack.X2ILaViBridgeLoader.validate_inputs("t5_unet", 1.0, 1.0) is True
-    assert "not found in models/lavi_bridge" in pack.X2ILaViBridgeLoader.validate_inputs("llama2_unet", 1.0, 1.0)
+    assert pack.X2ILaViBridgeLoader.validate_inputs(bridge_name="t5_unet", unet_strength=1.0, text_strength=1.0) is True
+    assert "not found in models/lavi_bridge" in pack.X2ILaViBridgeLoader.validate_inputs(bridge_name="llama2_unet", unet_strength=1.0, text_strength=1.0)
     (bridge_files / "lora_text.pt").rename(bridge_files / "lora_text.bak")
     try:
-        assert pack.X2ILaViBridgeLoader.validate_inputs("t5_unet", 1.0, 1.0) == "t5_unet lacks lora_text.pt: copy the whole released folder"
+        assert pack.X2ILaViBridgeLoader.validate_inputs(bridge_name="t5_unet", unet_strength=1.0, text_strength=1.0) == "t5_unet lacks lora_text.pt: copy the whole released folder"
     finally:
         (bridge_files / "lora_text.bak").rename(bridge_files / "lora_text.pt")
 
@@ -132,7 +123,7 @@ def test_llama_bridge_patches_every_attention_projection(pack, comfy, sd15_model
     (conditioning,) = pack.X2ILaViBridgeTextEncode.execute(bridge, "a cat", False).result
     assert conditioning[0][0].shape == (1, 77, 768) and torch.isfinite(conditioning[0][0]).all()
     mm.load_models_gpu([bridge.language_model])
-    changed = [k for k in text_keys if not torch.equal(bridge.language_model.model.state_dict()[k], before[k])]
+    changed = [k for k in text_keys if not torch.equal(bridge.language_model.model.state_dict()[k].cpu(), before[k].cpu())]
     assert changed == text_keys
     mm.unload_all_models()
 
@@ -272,11 +263,11 @@ def test_trained_bridge_files_are_listed_next_to_released_folders(pack, sd15_mod
     assert {"t5_unet", "t5_sd15_trained.safetensors", "t5_sd15_vision_only.safetensors", "t5_pixart_trained.safetensors"} <= set(options)
     assert "gluenet_fr.safetensors" not in options and "broken.safetensors" not in options
     for name in ("t5_sd15_trained.safetensors", "t5_pixart_trained.safetensors", "t5_unet"):
-        assert loader.validate_inputs(name, 1.0, 1.0) is True
-    message = loader.validate_inputs("gluenet_fr.safetensors", 1.0, 1.0)
+        assert loader.validate_inputs(bridge_name=name, unet_strength=1.0, text_strength=1.0) is True
+    message = loader.validate_inputs(bridge_name="gluenet_fr.safetensors", unet_strength=1.0, text_strength=1.0)
     assert "not a LaVi-Bridge file of this pack" in message and "X2I GlueNet Loader" in message
-    assert "not a readable safetensors file" in loader.validate_inputs("broken.safetensors", 1.0, 1.0)
-    assert "not found in models/lavi_bridge" in loader.validate_inputs("missing.safetensors", 1.0, 1.0)
+    assert "not a readable safetensors file" in loader.validate_inputs(bridge_name="broken.safetensors", unet_strength=1.0, text_strength=1.0)
+    assert "not found in models/lavi_bridge" in loader.validate_inputs(bridge_name="missing.safetensors", unet_strength=1.0, text_strength=1.0)
     lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
     with pytest.raises(LaViBridgeFileError, match="looks like a GlueNet of this pack"):  # a graph sent past validation
         loader.execute(sd15_model, lm, "gluenet_fr.safetensors", 1.0, 1.0)
@@ -334,7 +325,7 @@ def test_trained_bridge_without_text_lora_leaves_the_language_model_alone(pack, 
     (conditioning,) = pack.X2ILaViBridgeTextEncode.execute(bridge, "a cat", False).result
     features, _ = encode_for_bridge(LaViBridgeRecipe.T5_UNET, lm.model, lm.model.tokenizer, ["a cat"])
     with torch.no_grad():
-        torch.testing.assert_close(conditioning[0][0], load_trained_bridge(trained_files["vision_only"]).adapter(features),
+        torch.testing.assert_close(conditioning[0][0], load_trained_bridge(trained_files["vision_only"]).adapter(features.cpu()),
                                    atol=1e-5, rtol=1e-5)
 
 

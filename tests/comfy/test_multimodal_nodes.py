@@ -40,7 +40,7 @@ def test_audio_batch_gives_one_conditioning_per_clip_with_the_official_math(pack
     # GlueGen: z = AudioCLIP(audio) / |z|, reshaped to [B, 16, 64], GlueNet, x tensor_norm / 2.
     with torch.no_grad():
         clips = to_gluegen_waveform(waveform, 48000)
-        z = encoder.model.network(clips)
+        z = encoder.model.network(clips.to(encoder.model.network.conv1.weight.device)).cpu()  # where the node ran it
         z = z / z.norm(dim=-1, keepdim=True)
         net = GlueNet(gluenet.patcher.model.config)
         net.load_state_dict(sound_files)
@@ -79,7 +79,7 @@ def test_point_cloud_loader_and_encoder(pack, comfy, sound_files, tmp_path):
     gluenet = pack.X2IGlueNetLoader.execute("gluenet_ulip2.safetensors", "from file").result[0]
     (conditioning,) = pack.X2IGlueGenPointCloudEncode.execute(encoder, gluenet, cloud).result
     assert conditioning[0][0].shape == (1, 77, 768) and torch.isfinite(conditioning[0][0]).all()
-    assert pack.X2IPointCloudLoader.validate_inputs("missing.ply", 4096, "y").startswith("point cloud file 'missing.ply' not found")
+    assert pack.X2IPointCloudLoader.validate_inputs(file="missing.ply", surface_points=4096, preview_up_axis="y").startswith("point cloud file 'missing.ply' not found")
 
 
 def test_top_k_fusion_node_keeps_options_and_fuses_each_entry(pack):

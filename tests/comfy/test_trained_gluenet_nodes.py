@@ -74,7 +74,7 @@ def _train_all(comfy, tiny_xlmr, root: Path) -> Path:
 
 def test_trained_text_gluenet_in_the_loader_router_and_encode_nodes(pack, trained):
     loader = pack.X2IGlueNetLoader
-    assert loader.validate_inputs("gluenet_trained_fr.safetensors", "from file") is True
+    assert loader.validate_inputs(gluenet_name="gluenet_trained_fr.safetensors", language="from file") is True
     gluenet = loader.execute("gluenet_trained_fr.safetensors", "from file").result[0]
     assert gluenet.language == "fr"  # from the file's metadata, for the router
     encoder = pack.X2ITextEncoderLoader.execute("xlm-roberta-tiny", "auto").result[0]

@@ -29,6 +29,7 @@ MODEL_FOLDERS = (
 )
 STARTUP_TIMEOUT_S = 120.0
 POLL_INTERVAL_S = 0.25
+POLL_TIMEOUT_S = 60.0  # one /history request; wait() keeps polling until its own deadline
 LOG_TAIL_CHARS = 6000
 
 
@@ -92,6 +93,24 @@ class ComfyServer:
             raise ComfyServerError(f"GET {route} -> {status}: {payload}\n{self.log_tail()}")
         return payload
 
+    def rss_bytes(self) -> int:
+        """The server process's resident memory (VmRSS of /proc/<pid>/status; Linux)."""
+        if self.process is None:
+            raise ComfyServerError("no server process to measure")
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                value, unit = line.split()[1:3]
+                if unit != "kB":
+                    raise ComfyServerError(f"unexpected VmRSS unit in /proc/{self.process.pid}/status: {line!r}")
+                return int(value) * 1024
+        raise ComfyServerError(f"no VmRSS in /proc/{self.process.pid}/status")
+
+    def torch_vram_in_use(self) -> int:
+        """Bytes of the first device that torch tensors hold in the server, from /system_stats: what the
+        caching allocator reserved (torch_vram_total) less what of it is free (torch_vram_free)."""
+        device = self.get("/system_stats")["devices"][0]
+        return int(device["torch_vram_total"]) - int(device["torch_vram_free"])
+
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         return f"--- ComfyUI log tail ({self.log_path}) ---\n{_tail(self.log_path, chars)}"
 
@@ -113,7 +132,12 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             # The server adds the entry only once the prompt has finished (PromptQueue.task_done).
-            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            try:
+                entry = self.get(f"/history/{prompt_id}", timeout=POLL_TIMEOUT_S).get(prompt_id)
+            except (TimeoutError, urllib.error.URLError) as exc:
+                # A server starved of CPU (a shared machine) can miss one poll: ask again until the deadline.
+                log.warning("polling /history/%s: %s; polling again", prompt_id, exc)
+                entry = None
             if entry:
                 return entry
             self._check_alive()
@@ -220,9 +244,27 @@ class ServerLayout:
         write_extra_model_paths(self.yaml, self.custom_nodes_root, models_dir)
 
 
-def server_command(layout: ServerLayout, port: int) -> list[str]:
+DEVICES = ("cpu", "cuda")
+VRAM_MODES = ("normal", "lowvram", "novram")
+
+
+def memory_flags(device: str = "cpu", vram: str = "normal") -> list[str]:
+    """ComfyUI's command-line memory flags for a device (``cpu``: ``--cpu``; ``cuda``: its GPU mode) and
+    a VRAM mode (``normal``, or ``lowvram`` / ``novram``: ``--lowvram`` / ``--novram``, GPU only)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if vram not in VRAM_MODES:
+        raise ValueError(f"vram must be one of {', '.join(VRAM_MODES)}, got {vram!r}")
+    if device == "cpu":
+        if vram != "normal":
+            raise ValueError(f"--{vram} needs a GPU: ComfyUI on the CPU has no VRAM to save")
+        return ["--cpu"]
+    return [] if vram == "normal" else [f"--{vram}"]
+
+
+def server_command(layout: ServerLayout, port: int, device: str = "cpu", vram: str = "normal") -> list[str]:
     return [
-        sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+        sys.executable, "main.py", *memory_flags(device, vram), "--listen", "127.0.0.1", "--port", str(port),
         "--base-directory", str(layout.base),
         "--extra-model-paths-config", str(layout.yaml),
         "--output-directory", str(layout.output),
@@ -238,13 +280,16 @@ def server_command(layout: ServerLayout, port: int) -> list[str]:
     ]
 
 
-def start_server(comfyui_path: Path, layout: ServerLayout, models_dir: Path) -> ComfyServer:
-    """Launch main.py and block until it answers; on failure the error carries the log tail."""
+def start_server(comfyui_path: Path, layout: ServerLayout, models_dir: Path, device: str = "cpu",
+                 vram: str = "normal") -> ComfyServer:
+    """Launch main.py in the memory mode of ``device`` / ``vram`` (see :func:`memory_flags`) and block
+    until it answers; on failure the error carries the log tail."""
     port = free_port()
+    command = server_command(layout, port, device, vram)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     started = time.perf_counter()
     with layout.log.open("wb") as log_file:
-        process = subprocess.Popen(server_command(layout, port), cwd=comfyui_path, env=env,
+        process = subprocess.Popen(command, cwd=comfyui_path, env=env,
                                    stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
     server = ComfyServer(url=f"http://127.0.0.1:{port}", log_path=layout.log,

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import trimesh
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
@@ -39,7 +43,14 @@ from comfy_harness import MODEL_FOLDERS, ComfyServer, ServerLayout, start_server
 
 from x2i.gluenet import GlueNetConfig, save_gluenet  # noqa: E402
 from x2i.gluenet.modules import GlueNet  # noqa: E402
-from x2i_testing import make_t5_encoder_folder, make_xlm_roberta_folder, official_layout, random_state_dict  # noqa: E402
+from x2i_testing import (  # noqa: E402
+    audioclip_full_checkpoint,
+    fake_ulip_checkpoint,
+    make_t5_encoder_folder,
+    make_xlm_roberta_folder,
+    official_layout,
+    random_state_dict,
+)
 
 log = logging.getLogger("x2i.tests.conftest")
 
@@ -141,8 +152,10 @@ def comfy_models_dir(tmp_path_factory: pytest.TempPathFactory, sd15_checkpoint: 
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory: pytest.TempPathFactory, comfyui_path: Path,
-                 comfy_models_dir: Path) -> Iterator[ComfyServer]:
-    """A ComfyUI server with this repo loaded as custom node pack ``ComfyUI-X2I``.
+                 comfy_models_dir: Path, pytestconfig: pytest.Config) -> Iterator[ComfyServer]:
+    """A ComfyUI server with this repo loaded as custom node pack ``ComfyUI-X2I``, in the memory mode of
+    the device switch (``--device cpu``: ``--cpu``; ``--device cuda``: GPU, with ``--lowvram`` /
+    ``--novram`` for ``--comfy-vram lowvram`` / ``novram``).
 
     Everything it writes (output, input, temp, user dir, log) lives in a temp
     dir; its database is in memory. Files added to ``comfy_models_dir`` later
@@ -151,7 +164,8 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, comfyui_path: Path,
     layout = ServerLayout(tmp_path_factory.mktemp("comfy"))
     layout.create(REPO_ROOT, PACK_NAME, comfy_models_dir)
     try:
-        server = start_server(comfyui_path, layout, comfy_models_dir)
+        server = start_server(comfyui_path, layout, comfy_models_dir,
+                              pytestconfig.getoption("--device"), pytestconfig.getoption("--comfy-vram"))
     except Exception as exc:  # noqa: BLE001 - report any start failure as a test failure
         pytest.fail(f"ComfyUI did not start: {exc}", pytrace=False)
     yield server
@@ -185,3 +199,56 @@ def gluegen_models(comfy_models_dir: Path) -> Path:
     # A LoRA sitting in the wrong folder: a valid safetensors file that is not a GlueNet.
     save_file({"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 2)}, str(gluenets / "not_a_gluenet.safetensors"))
     return comfy_models_dir
+
+
+def write_wav(path: Path, seconds: float = 2.5, rate: int = 22050, pitch: float = 620.0) -> Path:
+    """A stereo 16-bit bark-like burst pattern at 22.05 kHz (LoadAudio must resample it to 44.1 kHz)."""
+    t = np.arange(int(seconds * rate)) / rate
+    bursts = (np.sin(2 * math.pi * 2.5 * t) > 0.6).astype(np.float64)
+    tone = np.sin(2 * math.pi * pitch * t) * bursts + 0.05 * np.random.default_rng(0).standard_normal(t.size)
+    stereo = np.stack([tone, 0.7 * tone], axis=1)
+    pcm = (stereo / np.abs(stereo).max() * 30000).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def multimodal_models(comfy_models_dir: Path) -> Path:
+    audio_encoders = comfy_models_dir / "audio_encoders"
+    audioclip_full_checkpoint(audio_encoders / "AudioCLIP-Full-Training.pt")
+    gluenets = comfy_models_dir / "gluenet"
+    torch.save(random_state_dict(official_layout("Translator_w_head(16,77,64,768,4,5)"), seed=11),
+               gluenets / "gluenet_sound2img_audioclip_us8k.ckpt")
+    checkpoint, _ = fake_ulip_checkpoint("ulip1", seed=2)
+    torch.save(checkpoint, comfy_models_dir / "point_encoders" / "pointbert_ULIP-1.pt")
+    # No point-cloud GlueNet was released: a trainer-made one for ULIP-1's 512-d embedding (16 x 32).
+    config = GlueNetConfig("translator_w_head", num_tokens=16, num_tokens_out=77, in_dim=32, out_dim=768, mult=2, depth=3)
+    torch.manual_seed(0)
+    save_gluenet(GlueNet(config), gluenets / "gluenet_pointbert_ulip1_sd15.safetensors")
+    return comfy_models_dir
+
+
+@pytest.fixture(scope="session")
+def multimodal_inputs(comfy_server: ComfyServer) -> Path:
+    inputs = comfy_server.input_dir
+    inputs.mkdir(parents=True, exist_ok=True)
+    write_wav(inputs / "dog_bark.wav")
+    chair = trimesh.util.concatenate([
+        trimesh.creation.box(extents=(1.0, 0.1, 1.0), transform=trimesh.transformations.translation_matrix((0, 0.5, 0))),
+        trimesh.creation.box(extents=(1.0, 1.0, 0.1), transform=trimesh.transformations.translation_matrix((0, 1.0, -0.45))),
+        *(trimesh.creation.box(extents=(0.1, 0.5, 0.1), transform=trimesh.transformations.translation_matrix((x, 0.25, z)))
+          for x in (-0.45, 0.45) for z in (-0.45, 0.45)),
+    ])
+    points, _ = trimesh.sample.sample_surface(chair, 6000, seed=0)
+    trimesh.PointCloud(points).export(inputs / "chair.ply")
+    return inputs
+
+
+@pytest.fixture(scope="session")
+def varied_sounds(multimodal_inputs: Path) -> list[str]:
+    """Five WAV files of different pitch in the server's input folder (prompts that must not hit the cache)."""
+    return [write_wav(multimodal_inputs / f"varied_{k}.wav", pitch=500.0 + 40 * k).name for k in range(5)]
