@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..weights import describe_keys, save_safetensors_atomic, state_dict_mismatch
+from ..weights import build_and_load, describe_keys, save_safetensors_atomic, torch_save_atomic, write_text_atomic
 from .adapter import CONFIG_FILE, OFFICIAL_CLASS_NAME, TextAdapter, TextAdapterConfig
 from .errors import LaViBridgeFileError
 from .language_models import LaViBridgeRecipe, text_config
@@ -58,6 +57,8 @@ RECIPES: dict[tuple[str, str], LaViBridgeRecipe] = {
 }
 UP, DOWN = "lora_up.weight", "lora_down.weight"
 ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# The metadata diffusers' save_pretrained gives its safetensors weights.
+DIFFUSERS_WEIGHTS_METADATA = {"format": "pt"}
 # Written into adapter/config.json like diffusers' save_pretrained does, so the official
 # ``TextAdapter.from_pretrained`` reads it as well as this pack's ``load_adapter``.
 DIFFUSERS_VERSION_TAG = "0.24.0"
@@ -296,11 +297,11 @@ def load_trained_bridge(path: str | os.PathLike[str], dtype: torch.dtype = torch
     adapter_state = {k[len("adapter."):]: tensors.pop(k) for k in [k for k in tensors if k.startswith("adapter.")]}
     if tensors:
         raise LaViBridgeFileError(f"{source}: {describe_keys(tensors)} are not listed in its metadata; the file was edited. {_FIX}")
-    adapter = TextAdapter(config)
-    details = state_dict_mismatch(adapter.state_dict(), adapter_state)
-    if details:
-        raise LaViBridgeFileError(f"{source}: the adapter weights do not fit its adapter_config {adapter_config}: {details}. {_FIX}")
-    adapter.load_state_dict({k: v.float() for k, v in adapter_state.items()}, strict=True)
+    try:
+        adapter = build_and_load(lambda: TextAdapter(config), {k: v.float() for k, v in adapter_state.items()},
+                                 LaViBridgeFileError, f"{source}: the adapter weights do not fit its adapter_config {adapter_config}")
+    except LaViBridgeFileError as exc:
+        raise LaViBridgeFileError(f"{exc}. {_FIX}") from None
     adapter = adapter.to(dtype).eval().requires_grad_(False)
     if config.out_dim != context_dim:
         raise LaViBridgeFileError(f"{source}: the adapter gives {config.out_dim}-wide features but context_dim is {context_dim}")
@@ -335,16 +336,6 @@ def load_trained_bridge(path: str | os.PathLike[str], dtype: torch.dtype = torch
 # The released folder layout
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_released_layout(
     folder: str | os.PathLike[str],
     *,
@@ -354,7 +345,9 @@ def write_released_layout(
 ) -> Path:
     """``folder/lora_vis.pt``, ``folder/lora_text.pt`` (``torch.save`` of fp16 ``[up_0, down_0, up_1, ...]``
     in the official positional order, as the release) and ``folder/adapter/`` (``config.json`` +
-    ``diffusion_pytorch_model.safetensors``, as diffusers' ``save_pretrained`` writes them)."""
+    ``diffusion_pytorch_model.safetensors``, as diffusers' ``save_pretrained`` writes them). Every file is
+    written atomically and flushed to disk (:func:`..weights.write_atomic`): a full disk leaves the
+    previous file or none, never a torn one or a temp file, and comes out as an ``OSError`` naming it."""
     folder = Path(folder)
     (folder / "adapter").mkdir(parents=True, exist_ok=True)
 
@@ -362,8 +355,8 @@ def write_released_layout(
         # clone(): a view would drag its whole storage into the file.
         return [t.detach().to("cpu", torch.float16).contiguous().clone() for pair in pairs for t in pair]
 
-    _atomic_torch_save(flat(vision_pairs), folder / "lora_vis.pt")
-    _atomic_torch_save(flat(text_pairs), folder / "lora_text.pt")
+    torch_save_atomic(flat(vision_pairs), folder / "lora_vis.pt")
+    torch_save_atomic(flat(text_pairs), folder / "lora_text.pt")
     config = {
         "_class_name": OFFICIAL_CLASS_NAME,
         "_diffusers_version": DIFFUSERS_VERSION_TAG,
@@ -371,15 +364,9 @@ def write_released_layout(
         "int_dim": adapter.config.int_dim,
         "out_dim": adapter.config.out_dim,
     }
-    weights = folder / "adapter" / ADAPTER_WEIGHTS
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.state_dict().items()}, str(tmp))
-        os.replace(tmp, weights)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    (folder / "adapter" / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    adapter_state = {k: v.detach().to("cpu", torch.float32) for k, v in adapter.state_dict().items()}
+    save_safetensors_atomic(adapter_state, folder / "adapter" / ADAPTER_WEIGHTS, DIFFUSERS_WEIGHTS_METADATA)
+    write_text_atomic(folder / "adapter" / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     logger.info("Wrote released LaVi-Bridge layout %s (%d vision, %d text LoRA pairs)", folder, len(vision_pairs), len(text_pairs))
     return folder
 

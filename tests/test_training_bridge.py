@@ -229,3 +229,17 @@ def test_two_gloo_processes_share_the_latent_cache_and_train(tmp_path, tiny_t5, 
     torch.testing.assert_close(load_file(str(tmp_path / "cache" / "shard-00001.safetensors"))["mean"], mean, atol=2e-3, rtol=2e-3)
     bridge = load_trained_bridge(tmp_path / "two" / "squares.safetensors")
     assert bridge.recipe.value == "t5_unet" and (tmp_path / "two" / "squares" / "lora_vis.pt").is_file()
+
+
+def test_a_full_disk_while_the_latent_cache_is_built_is_one_error_line_and_exit_2(tmp_path, tiny_t5, sd_folder, squares_tsv):
+    from training_testing import error_lines, run_cli_on_a_full_disk, write_config
+
+    raw = bridge_config(squares_tsv, sd_folder, tiny_t5, data={"latent_cache": str(tmp_path / "cache")})
+    raw["run"] = {"output_dir": str(tmp_path / "out"), "batch_size": 8, "max_steps": 2, "device": "cpu", "precision": "fp32"}
+    # 40 images' latents (80 KB) in one shard: past the limit.
+    done = run_cli_on_a_full_disk("bridge", write_config(tmp_path / "full.json", raw), limit=32 * 1024)
+    (line,) = error_lines(done.stderr)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert line.startswith(f"error: latent cache: cannot write {tmp_path / 'cache' / 'shard-00000.safetensors'} (")
+    assert "free disk space or set data.latent_cache" in line
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".tmp")]

@@ -224,3 +224,98 @@ def test_latent_cache_shards_split_over_ranks_and_undecodable_images_skipped(tmp
     single.build_shards(vae, transform, cpu)
     single.write_index()
     assert single.read_index() == (locations, undecodable)
+
+
+def _rewrite_shard(path: Path, change) -> None:
+    """The shard re-saved with ``change(tensors, metadata)`` applied, as another tool or bit rot would leave it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}  # not views of the file rewritten below
+    change(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_latent_shards_from_another_build_or_truncated_are_named_and_the_only_ones_encoded_again(tmp_path, vae, caplog):
+    items, _ = scan_pairs(bt.write_squares_tsv(tmp_path / "data", 10))  # shards of 4: 4 + 4 + 2
+    transform, cpu = image_transform(32), torch.device("cpu")
+    cache, other = _cache(tmp_path / "cache", items), _cache(tmp_path / "other", items, resolution_note="another build")
+    for built in (cache, other):
+        built.build_shards(vae, transform, cpu)
+        built.write_index()
+    from safetensors.torch import load_file
+
+    expected = {s: {k: v.clone() for k, v in load_file(str(cache.shard_path(s))).items()} for s in (0, 2)}  # not views of the files
+    other.shard_path(1).replace(cache.shard_path(1))
+    cache.shard_path(2).write_bytes(cache.shard_path(2).read_bytes()[:-7])
+    state = cache.state()
+    assert (state.state, state.shards_done) == ("broken", 1)
+    assert state.problems[0].startswith("shard-00001.safetensors: from another dataset, VAE or setting")
+    assert state.problems[1].startswith("shard-00002.safetensors: unreadable or truncated")
+    # Read as it is (nothing to encode with): refused, naming the shards and what to do.
+    with pytest.raises(BridgeDataError, match=r"shard-00001\.safetensors: from another.*shard-00002\.safetensors: unreadable.*delete"):
+        cache.read_index()
+    # Built: exactly the two bad shards, each named in the log.
+    assert cache.missing_shards() == [1, 2]
+    with caplog.at_level(logging.WARNING):
+        assert cache.build_shards(vae, transform, cpu) == 2
+    assert "shard-00001.safetensors: from another dataset" in caplog.text and "shard-00002.safetensors: unreadable" in caplog.text
+    cache.write_index()
+    assert cache.state().state == "complete"
+    for s in (0, 2):  # shard 0 kept, shard 2 encoded again to the same latents
+        assert all(torch.equal(load_file(str(cache.shard_path(s)))[k], v) for k, v in expected[s].items())
+    # A shard with other tensors or another latent shape under the right key is as unusable.
+    _rewrite_shard(cache.shard_path(0), lambda t, m: t.update(mean=t["mean"][:, :, :, :4].contiguous()))
+    assert "mean F16 [4, 2, 4, 4, 8] and std F16 [4, 2, 4, 8, 8]" in cache.state().problems[0]
+    _rewrite_shard(cache.shard_path(0), lambda t, m: t.update(mean=t["std"].float(), std=t["std"].float()))
+    assert "expected F16 [4, 2, C, h, w]" in cache.state().problems[0]
+
+
+def test_a_nan_latent_read_while_training_names_its_shard(tmp_path, vae, t5_tokenizer):
+    items, _ = scan_pairs(bt.write_squares_tsv(tmp_path / "data", 6))
+    cache = _cache(tmp_path / "cache", items)
+    cache.build_shards(vae, image_transform(32), torch.device("cpu"))
+    cache.write_index()
+
+    def poison(tensors, metadata):
+        tensors["std"][1, 0, 2, 3, 3] = float("inf")  # changed after the build
+
+    _rewrite_shard(cache.shard_path(0), poison)
+    locations, _ = cache.read_index()  # headers as built: the values are checked where they are read
+    dataset = CachedLatentDataset(cache, locations, CaptionTokenizer("t5_unet", t5_tokenizer))
+    assert dataset[0]["latent_mean"].shape == (2, 4, 8, 8) and dataset[5]["latent_std"].isfinite().all()
+    with pytest.raises(BridgeDataError, match=r"latent cache shard shard-00000\.safetensors holds NaN or infinite values \(row 1\).*Delete it"):
+        dataset[1]
+    from x2i.training import TrainingError
+
+    assert issubclass(BridgeDataError, TrainingError) and issubclass(BridgeDataError, ValueError)
+
+
+class NaNForRedSquares(torch.nn.Module):
+    """The tiny VAE, except that images with a red square come out NaN (as an fp16 VAE that overflows)."""
+
+    def __init__(self, vae) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def encode(self, pixels):
+        out = self.vae.encode(pixels)
+        red = ((pixels[:, 0] > 0.7) & (pixels[:, 1] < -0.7)).flatten(1).any(dim=1)
+        out.latent_dist.mean[red] = float("nan")
+        return out
+
+
+def test_an_image_with_non_finite_latents_is_skipped_and_counted(tmp_path, vae, caplog):
+    items, _ = scan_pairs(bt.write_squares_tsv(tmp_path / "data", 10))
+    red = [i for i, item in enumerate(items) if "red" in item.caption]
+    assert red and len(red) < 10
+    cache = _cache(tmp_path / "cache", items)
+    with caplog.at_level(logging.WARNING):
+        cache.build_shards(NaNForRedSquares(vae), image_transform(32), torch.device("cpu"))
+    cache.write_index()
+    locations, undecodable = cache.read_index()
+    assert [i for i, _, _ in locations] == [i for i in range(10) if i not in red]
+    assert undecodable == [] and cache.non_finite == red and cache.state().state == "complete"
+    assert "gives NaN or infinite latents; skipped" in caplog.text

@@ -352,3 +352,66 @@ def test_wrong_bridge_files_are_named(bridge_file, tmp_path):
             load_trained_bridge(target)
         # Listing reads metadata only: a file that is not this format is never offered.
         assert is_trained_bridge_file(target) == (target.stem in ("extra", "missing", "recipe", "mask"))
+
+
+_FULL_DISK_WRITES = """
+import hashlib, json, resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import x2i_testing  # noqa: F401
+import torch
+from x2i.bridge.adapter import TextAdapter, TextAdapterConfig
+from x2i.bridge.trained import save_trained_bridge, write_released_layout
+
+folder = Path(sys.argv[2])
+small = TextAdapter(TextAdapterConfig(8, 8, 8))
+big = TextAdapter(TextAdapterConfig(64, 64, 32))  # ~25 KB of weights
+tiny_pairs = [(torch.zeros(8, 2).half(), torch.zeros(2, 8).half())]
+big_pairs = [(torch.randn(64, 32).half(), torch.randn(32, 64).half())] * 2  # 16 KB
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+outcomes = {}
+attempts = {
+    "lora_vis": lambda: write_released_layout(folder / "released", adapter=small, vision_pairs=big_pairs, text_pairs=tiny_pairs),
+    "adapter": lambda: write_released_layout(folder / "released", adapter=big, vision_pairs=tiny_pairs, text_pairs=tiny_pairs),
+    "bridge": lambda: save_trained_bridge(folder / "bridge.safetensors", recipe="t5_unet", diffusion_model="sd1", adapter=big,
+                                          vision_lora={"a.to_q": big_pairs[0]}, text_lora={}, context_dim=32),
+}
+for name, attempt in attempts.items():
+    try:
+        attempt()
+        outcomes[name] = "written"
+    except Exception as exc:
+        outcomes[name] = f"{type(exc).__name__}: {exc}"
+    if name == "lora_vis":  # rewritten (complete) by the next attempt, so looked at now
+        outcomes["lora_vis_sha256"] = hashlib.sha256((folder / "released" / "lora_vis.pt").read_bytes()).hexdigest()
+print(json.dumps(outcomes))
+"""
+
+
+def test_bridge_writes_on_a_full_disk_keep_the_previous_files_and_leave_no_temp_file(tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+
+    small = TextAdapter(TextAdapterConfig(8, 8, 8))
+    tiny = [(torch.ones(8, 2).half(), torch.ones(2, 8).half())]
+    released = write_released_layout(tmp_path / "released", adapter=small, vision_pairs=tiny, text_pairs=tiny)
+    bridge = save_trained_bridge(tmp_path / "bridge.safetensors", recipe="t5_unet", diffusion_model="sd1",
+                                 adapter=TextAdapter(TextAdapterConfig(8, 8, 8)), vision_lora={"a.to_q": tiny[0]}, text_lora={},
+                                 context_dim=8)
+    before = {p: p.read_bytes() for p in [*released.rglob("*"), bridge] if p.is_file()}
+    child = subprocess.run([sys.executable, "-c", _FULL_DISK_WRITES, str(Path(__file__).parent), str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-3000:]
+    outcomes = json.loads(child.stdout.strip().splitlines()[-1])
+    # Each failure is an OSError naming the file (the trainer turns it into its own error line).
+    assert outcomes["lora_vis"].startswith(f"OSError: cannot write {released / 'lora_vis.pt'} (")
+    assert outcomes["adapter"].startswith(f"OSError: cannot write {released / 'adapter' / 'diffusion_pytorch_model.safetensors'} (")
+    assert outcomes["bridge"].startswith(f"OSError: cannot write {bridge} (")
+    # The file that failed keeps its previous content; nothing half-written is left anywhere.
+    assert outcomes["lora_vis_sha256"] == hashlib.sha256(before[released / "lora_vis.pt"]).hexdigest()
+    for path in (released / "adapter" / "diffusion_pytorch_model.safetensors", released / "adapter" / "config.json", bridge):
+        assert path.read_bytes() == before[path], path
+    assert not [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert same_state(load_adapter(released / "adapter"), small) and load_trained_bridge(bridge).context_dim == 8

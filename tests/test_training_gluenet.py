@@ -330,3 +330,64 @@ def test_a_target_of_the_wrong_width_is_refused_before_anything_runs(text_setup:
     with pytest.raises(Exception, match="gives 32-wide features but the GlueNet is configured to output 768"):
         run_in_process(raw)
     assert not (text_setup / "wide-cache").exists()
+
+
+def test_a_full_disk_while_the_cache_is_built_is_one_error_line_and_exit_2(text_setup: Path):
+    from training_testing import error_lines, run_cli_on_a_full_disk
+
+    cache = text_setup / "full-disk-cache"
+    raw = text_config(text_setup, "full-disk", **{"cache.dir": str(cache)})
+    done = run_cli_on_a_full_disk("gluenet", write_config(text_setup / "full-disk.json", raw), limit=64 * 1024)
+    (line,) = error_lines(done.stderr)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert line.startswith(f"error: feature cache source-text: cannot write {cache / 'source-text' / 'shard-00000.safetensors'} (")
+    assert "free disk space or set cache.dir" in line
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written left behind
+
+
+def test_a_nan_row_met_while_training_stops_the_run_naming_its_shard(text_setup: Path, reference_run: Path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from x2i.training import TrainingError
+    from x2i.training.cli import error_line
+
+    cache = text_setup / "nan-cache"
+    shutil.copytree(text_setup / "cache", cache)  # the reference run's complete caches
+    shard = cache / "source-text" / "shard-00000.safetensors"
+    with safe_open(str(shard), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k).clone() for k in handle.keys()}
+    tensors["features"][:, 5, 7] = float("nan")  # every item, still marked valid: changed after the build
+    save_file(tensors, str(shard), metadata=metadata)
+    # Read in a loader worker, as with run.num_workers > 0: the error crosses the process boundary.
+    raw = text_config(text_setup, "nan-run", **{"cache.dir": str(cache), "run.num_workers": 1})
+    with pytest.raises(TrainingError) as caught:
+        run_in_process(raw)
+    line = error_line(caught.value)  # what the command line prints after "error: "
+    assert line.startswith("feature cache source-text: shard shard-00000.safetensors holds NaN or infinite values (row ")
+    assert "\n" not in line and "Delete it and run again" in line
+    assert not checkpoint_files(text_setup / "nan-run")
+
+
+def test_a_truncated_shard_is_named_and_encoded_again_by_the_next_run(text_setup: Path, reference_run: Path, caplog):
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file
+
+    cache = text_setup / "truncated-cache"
+    shutil.copytree(text_setup / "cache", cache)
+    shard = cache / "target-clip" / "shard-00000.safetensors"
+    expected = {k: v.clone() for k, v in load_file(str(shard)).items()}  # not views of the file
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    task = GlueNetTask.from_config(text_config(text_setup, "truncated", **{"cache.dir": str(cache)}))
+    with caplog.at_level(logging.INFO):
+        task.prepare(Distributed(), logging.getLogger("x2i.test"))
+    assert "feature cache target-clip: broken (shard-00000.safetensors: unreadable or truncated" in caplog.text
+    assert "target-clip: shard-00000.safetensors: unreadable or truncated" in caplog.text and "encoding it again" in caplog.text
+    assert "feature cache source-text: reused" in caplog.text  # the intact cache is not touched
+    assert task.describe()["cache_target"] == "complete"
+    rebuilt = load_file(str(shard))
+    assert all(torch.equal(rebuilt[k], expected[k]) for k in expected)

@@ -299,3 +299,100 @@ def test_fingerprints_follow_files_and_a_broken_shard_is_named(tmp_path: Path):
     cache.shard_path(0).write_bytes(b"garbage")
     with pytest.raises(FeatureCacheError, match="unreadable"):
         cache._write_index()
+
+
+# ---- shards checked when the cache is opened ----------------------------------------------------
+
+
+def _rewrite_shard(path: Path, change) -> None:
+    """The shard re-saved with ``change(tensors, metadata)`` applied, as another tool or bit rot would leave it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}  # not views of the file rewritten below
+    change(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _built_cache(root: Path, fingerprint: dict, items: list[str]) -> FeatureCache:
+    cache = FeatureCache(root, "source", fingerprint, len(items), dtype="fp16", shard_size=4)
+    cache.build(items, CountingEncoder(), (2,), batch_size=4)
+    return cache
+
+
+BROKEN_SHARDS = {
+    "another build": (lambda c, other: other.shard_path(1).replace(c.shard_path(1)), "from another build"),
+    "truncated": (lambda c, other: c.shard_path(1).write_bytes(c.shard_path(1).read_bytes()[:-9]), "unreadable or truncated"),
+    "wrong dtype": (lambda c, other: _rewrite_shard(c.shard_path(1), lambda t, m: t.update(features=t["features"].float())),
+                    "stores features as F32, the cache as F16"),
+    "wrong keys": (lambda c, other: _rewrite_shard(c.shard_path(1), lambda t, m: t.pop("valid")), "holds the tensors ['features']"),
+    "wrong rows": (lambda c, other: _rewrite_shard(c.shard_path(1), lambda t, m: t.update(features=t["features"][:3])),
+                   "holds features of shape [3, 2], expected [4, 2]"),
+}
+
+
+@pytest.mark.parametrize("damage", list(BROKEN_SHARDS))
+def test_a_broken_shard_is_named_refused_when_opened_and_the_only_one_encoded_again(tmp_path: Path, caplog, damage: str):
+    items = [f"item {i}" * (i % 3 + 1) for i in range(10)]  # 3 shards: 4 + 4 + 2
+    cache = _built_cache(tmp_path / "a", {"data": "a"}, items)
+    other = _built_cache(tmp_path / "b", {"data": "b"}, items)  # the same layout from another build
+    expected = cache.open().gather(list(range(10)))
+    make_broken, problem = BROKEN_SHARDS[damage]
+    make_broken(cache, other)
+    state = cache.state()
+    assert state.startswith("broken (shard-00001.safetensors: ") and problem in state, state
+    # Opened as it is (no encoder at hand): refused, naming the shard and what to do.
+    with pytest.raises(FeatureCacheError, match=r"shard-00001\.safetensors: .*delete the shard file"):
+        cache.open()
+    # Built (the trainer loads the encoder whenever the state is not complete): exactly that shard.
+    encoder = CountingEncoder()
+    with caplog.at_level(logging.INFO):
+        cache.build(items, encoder, (2,), batch_size=4)
+    assert encoder.items == 4 and cache.state() == "complete"
+    assert f"shard-00001.safetensors: {problem}" in caplog.text and "encoding it again" in caplog.text
+    torch.testing.assert_close(cache.open().gather(list(range(10))), expected)
+
+
+def test_a_nan_row_read_while_training_names_its_shard(tmp_path: Path):
+    items = [f"item {i}" for i in range(10)]
+    cache = _built_cache(tmp_path, {"data": "nan"}, items)
+
+    def poison(tensors, metadata):
+        tensors["features"][2, 1] = float("nan")  # item 6, still marked valid: changed after the build
+
+    _rewrite_shard(cache.shard_path(1), poison)
+    # The header is as built: the check at open costs headers only, so it cannot see values.
+    assert cache.state() == "complete"
+    features = cache.open()
+    assert features.gather([0, 5, 9]).shape == (3, 2)  # rows without NaN read as usual
+    with pytest.raises(FeatureCacheError, match=r"shard-00001\.safetensors holds NaN or infinite values \(row 2, item 6\).*Delete it"):
+        features.gather([0, 6])
+    from x2i.training import TrainingError
+
+    assert issubclass(FeatureCacheError, TrainingError)  # the command line prints it as one error line
+
+
+class NonFiniteEncoder:
+    """Features of one float per item; NaN for "nan", inf for "inf", and 1e6 (beyond fp16) for "huge"."""
+
+    def __call__(self, items):
+        special = {"nan": float("nan"), "inf": float("inf"), "huge": 1e6}
+        return torch.tensor([[special.get(x, float(len(x))), 1.0] for x in items]), [None] * len(items)
+
+
+def test_an_encoder_giving_nan_or_inf_marks_the_item_unusable_and_counts_it(tmp_path: Path, caplog):
+    items = ["a", "nan", "bb", "inf", "huge", "ccc"]
+    cache = FeatureCache(tmp_path, "source", {"data": "x"}, len(items), dtype="fp16", shard_size=4)
+    with caplog.at_level(logging.WARNING):
+        cache.build(items, NonFiniteEncoder(), (2,), batch_size=2)
+    features = cache.open()
+    assert features.valid.tolist() == [True, False, True, False, False, True]
+    assert cache.summary()["skipped"] == {"non-finite features": 3} and cache.summary()["num_valid"] == 3
+    assert features.gather([1, 3, 4]).abs().sum() == 0  # stored as zeros, so reading them never trips the check
+    assert "skipped nan (non-finite features: the encoder gave NaN or infinite values (stored as fp16))" in caplog.text
+    # In fp32 the large value is finite and kept.
+    wide = FeatureCache(tmp_path, "wide", {"data": "x"}, len(items), dtype="fp32", shard_size=4)
+    wide.build(items, NonFiniteEncoder(), (2,), batch_size=2)
+    assert wide.open().valid.tolist() == [True, False, True, False, True, True]

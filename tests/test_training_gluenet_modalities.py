@@ -141,3 +141,48 @@ def test_cached_sound_features_are_what_the_audioclip_node_computes(tmp_path: Pa
     for clip, row in zip(clips, features, strict=True):  # one by one, as X2I GlueGen Audio Encode does
         waveform, rate = read_audio_file(clip.path)
         torch.testing.assert_close(row, encoder.encode_audio(waveform, rate)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["audioclip", "clap"])
+def test_a_long_sound_file_is_decoded_only_as_far_as_the_encoder_looks(tmp_path: Path, tiny_clap: Path, kind: str):
+    import math
+    import tracemalloc
+
+    import soundfile
+    from training_testing import synth_clip
+
+    from x2i.encoders import load_audioclip_audio, load_clap_audio
+    from x2i.training.gluenet_data import AudioClip
+    from x2i.training.gluenet_sources import audio_encode_fn, audio_frames_needed, read_audio_file
+
+    if kind == "audioclip":
+        audioclip_full_checkpoint(tmp_path / "AudioCLIP-Full-Training.pt")
+        encoder = load_audioclip_audio(tmp_path / "AudioCLIP-Full-Training.pt")
+    else:
+        encoder = load_clap_audio(tiny_clap)
+    rate = 16000
+    # AudioCLIP: 4 s at 44.1 kHz and the resampler's margin (to_gluegen_waveform); CLAP: its 10 s.
+    needed = math.ceil(176400 * rate / 44100) + rate // 10 + 1024 if kind == "audioclip" else 10 * rate
+    assert audio_frames_needed(encoder, rate) == needed
+    three_minutes = synth_clip(440.0, 3, rate=rate, seconds=180)
+    soundfile.write(str(tmp_path / "long.wav"), three_minutes, rate)
+    soundfile.write(str(tmp_path / "start.wav"), three_minutes[:needed], rate)  # exactly what the encoder looks at
+    waveform, _ = read_audio_file(tmp_path / "long.wav", lambda r: audio_frames_needed(encoder, r))
+    assert waveform.shape == (1, 1, needed)
+
+    encode = audio_encode_fn(encoder)
+    peaks, features = {}, {}
+    for name in ("start", "long"):
+        tracemalloc.start()  # numpy's buffers (the decoded audio) are traced; torch's are not
+        features[name], errors = encode([AudioClip(tmp_path / f"{name}.wav", "x")])
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert errors == [None]
+    # Decoding all 3 minutes would hold 11.5 MB of float32 samples: the long file costs what its start costs.
+    assert peaks["long"] < peaks["start"] + 2**20, peaks
+    # ...and its features are those of the fully decoded file, as the nodes compute them.
+    full, full_rate = read_audio_file(tmp_path / "long.wav")
+    assert full.shape[-1] == 180 * rate
+    expected = encoder.encode_audio(full, full_rate)[0]
+    torch.testing.assert_close(features["long"][0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(features["start"][0], expected, rtol=1e-5, atol=1e-6)

@@ -161,3 +161,17 @@ def test_the_cli_applies_a_kinds_own_run_defaults_under_the_users_values():
     child = subprocess.run([sys.executable, str(HERE.parent), "train", "gluenet", "--set", "run.output_dir=o", "--set", "modle.depth=3"],
                            capture_output=True, text=True, timeout=120)
     assert child.returncode == 2 and "unknown section(s) [modle]" in child.stderr
+
+
+@pytest.mark.parametrize(("artefact", "what"), [
+    ("metrics.jsonl", "the metrics log"), ("loss_curve.png", "the loss curve"), ("toy.safetensors", "exporting the trained toy"),
+])
+def test_an_artefact_that_cannot_be_written_is_the_runs_own_error_naming_it(tmp_path: Path, artefact: str, what: str):
+    # A folder where the file must go: every write of it fails, as on a full disk, also for root.
+    (tmp_path / artefact).mkdir(parents=True)
+    (tmp_path / artefact / "keep").write_text("x")
+    with pytest.raises(TrainingError, match=rf"^{what}: cannot write .*{artefact}.*; .*run the same command again"):
+        train(ToyTask(ToySettings()), run_settings(tmp_path, epochs=1))
+    assert not [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # no temp file left behind
+    if artefact != "metrics.jsonl":  # the first log line comes before the first checkpoint
+        read_checkpoint(checkpoint_files(tmp_path)[-1])  # written before the failure, intact

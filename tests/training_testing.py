@@ -7,12 +7,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import x2i_testing  # noqa: F401  (imports this repository as the package x2i)
+from x2i_testing import REPO_ROOT
 
 # ---- CLIP (the target) -----------------------------------------------------------------------------
 
@@ -208,3 +214,28 @@ def write_config(path: Path, raw: dict) -> Path:
     """A JSON config file (the trainer reads TOML or JSON)."""
     path.write_text(json.dumps(raw, indent=1), encoding="utf-8")
     return path
+
+
+# ---- the command line on a full disk ------------------------------------------------------------
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:  # in the child, before exec: both survive it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def run_cli_on_a_full_disk(kind: str, config: Path, limit: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python <repo> train <kind> --config <config>`` where no file may grow past ``limit`` bytes: every
+    write past it fails as on a full disk (also for root, whom permissions do not stop)."""
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT), "train", kind, "--config", str(config)], capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout, preexec_fn=_limit_file_size(limit),
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines the command line printed as its own errors; a traceback would be a crash, not an error line."""
+    assert "Traceback" not in stderr, stderr[-4000:]
+    return [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -485,6 +485,8 @@ class BridgeTask(TrainingTask):
             locations, undecodable = cache.read_index()
             self._counts["latent_cache"] = f"complete ({len(locations)} samples)"
             self._counts["skipped_undecodable_image"] = len(undecodable)
+            if cache.non_finite:
+                self._counts["skipped_non_finite_latents"] = len(cache.non_finite)
             self.diffusion.vae = None  # training reads latents; the VAE is not needed any more
             dataset: torch.utils.data.Dataset = CachedLatentDataset(cache, locations, tokenize)
             kept_items = [item for item, _, _ in locations]

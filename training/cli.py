@@ -92,6 +92,17 @@ def _parser(kind: str | None = None, epilog: str | None = None) -> argparse.Argu
     return parser
 
 
+def error_line(exc: BaseException) -> str:
+    """The message of a refused run on one line. An error raised in a DataLoader worker (a cache shard
+    found broken while training) reaches the main process with the worker's whole traceback in its
+    message; its last line is the original message."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split("\n"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
@@ -118,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         result = train(task, settings, resume=args.resume, dry_run=args.dry_run)
     except (ConfigError, TrainingError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {error_line(exc)}\n")
         return 2
     if result.dry_run is not None:
         sys.stdout.write(json.dumps(result.dry_run, indent=2, default=str) + "\n")

@@ -7,6 +7,14 @@ their sha256 with ``cache.verify = "sha256"``), the data (sha256 of the listing,
 encoder settings, the storage dtype and a format version. An index with the same fingerprint is
 reused; any difference is logged by name and the cache is rebuilt.
 
+Every shard is checked whenever the cache is judged complete or opened, from its header alone (no
+tensor is read, so the check costs what listing the folder does): readable and not truncated (a
+safetensors header must cover the whole file), the cache's fingerprint key in its metadata, exactly
+``features`` and ``valid``, the row count, shapes and dtype the index implies. A shard that fails is
+named in the log and is the only one encoded again ("broken" state); where the trainer cannot rebuild
+(a cache checked again after it was built), a :class:`FeatureCacheError` names the shard and says to
+delete it.
+
 Building is shared by the ranks of a distributed run: shard ``k`` is encoded and written by rank
 ``k % world_size`` (distinct files, each written atomically), then rank 0 checks every shard and writes
 the index while the others wait at a barrier. A build that was interrupted resumes: shards that
@@ -14,6 +22,11 @@ already carry the fingerprint are kept.
 
 Items the encoder cannot read (a broken sound file, a cloud with too few points) are stored as zeros
 with ``valid = 0``, counted by reason, and their first few reasons logged; training never sees them.
+So are items whose features are NaN or infinite (after conversion to the storage dtype, so an fp16
+overflow counts too): reason ``non-finite features``. Values are not scanned when a cache is opened (a
+multi-TB cache would be read end to end at every start); instead every row read for training is
+checked (:class:`ShardedFeatures`), which costs one comparison per value already in memory, and a shard
+changed on disk after its build is named when its first bad row is read.
 
 Reading is memory-mapped (``safetensors.safe_open``): a sample costs one slice of one shard, so
 caches far larger than memory train at disk speed.
@@ -37,8 +50,9 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from ..weights import save_safetensors_atomic
+from ..weights import save_safetensors_atomic, write_text_atomic
 from .gluenet_data import AudioClip, setting
+from .runtime import TrainingError, write_error_text
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +62,19 @@ SHARD_BYTES = 256 * 2**20  # ~256 MiB of features per shard when shard_size is 0
 LOG_EVERY_S = 15.0
 LOGGED_EXAMPLES = 5
 STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The same dtypes as safetensors headers name them (checked without reading a tensor).
+HEADER_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+SHARD_TENSORS = frozenset({"features", "valid"})
+NON_FINITE = "non-finite features"
 
 # encode(items) -> (features [n, *item_shape] float32 on any device, per-item error or None)
 EncodeFn = Callable[[Sequence[Any]], tuple[torch.Tensor, list[str | None]]]
 
 
-class FeatureCacheError(RuntimeError):
-    """A cache that cannot be built or read (disk, permissions, corrupt shards)."""
+class FeatureCacheError(TrainingError):
+    """A cache that cannot be built or read (disk, permissions, corrupt shards). A :class:`TrainingError`,
+    so the command line prints it as one ``error:`` line wherever it is raised, also from a loader
+    worker while training."""
 
 
 class Ranks(Protocol):
@@ -161,28 +181,80 @@ class FeatureCache:
 
     def _read_index(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.folder / INDEX_FILE).read_text(encoding="utf-8"))
+            index = json.loads((self.folder / INDEX_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        return index if isinstance(index, dict) else None
 
-    @staticmethod
-    def _key_of(path: Path) -> str | None:
+    def shard_problem(self, k: int, count: int | None, item_shape: Sequence[int] | None) -> str | None:
+        """What is wrong with shard ``k`` for this cache (``None``: usable), from its header alone.
+
+        ``count`` (rows) and ``item_shape`` (one item's shape) as the index or the build says them; ``None``
+        where they are not known yet (counting the shards an interrupted build finished): then the shard
+        only has to agree with its own metadata.
+        """
         from safetensors import safe_open
 
+        path = self.shard_path(k)
+        if not path.is_file():
+            return "missing"
         try:
+            # safe_open refuses a header that does not cover the file exactly, so a truncated or
+            # extended shard fails here without any tensor being read.
             with safe_open(str(path), framework="pt") as handle:
-                return (handle.metadata() or {}).get("cache_key")
-        except Exception:
-            return None
+                meta = handle.metadata() or {}
+                header = {name: (list(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype()) for name in handle.keys()}
+        except Exception as exc:  # SafetensorError, OSError: the file cannot be used, whatever the cause
+            return f"unreadable or truncated ({type(exc).__name__}: {str(exc)[:160]})"
+        if meta.get("cache_key") != self.key:
+            return "from another build (its fingerprint key differs from this cache's)"
+        if set(header) != SHARD_TENSORS:
+            return f"holds the tensors {sorted(header)}, not {sorted(SHARD_TENSORS)}"
+        if count is None:
+            count = int(meta["count"]) if str(meta.get("count", "")).isdigit() else -1
+        if meta.get("shard") != str(k) or meta.get("count") != str(count):
+            return f"says it is shard {meta.get('shard')} of {meta.get('count')} rows; expected shard {k} of {count} rows"
+        features_shape, features_dtype = header["features"]
+        if features_dtype != HEADER_DTYPES[self.dtype]:
+            return f"stores features as {features_dtype}, the cache as {HEADER_DTYPES[self.dtype]}"
+        expected = [count, *item_shape] if item_shape is not None else [count, *features_shape[1:]]
+        if features_shape != expected:
+            return f"holds features of shape {features_shape}, expected {expected}"
+        if header["valid"] != ([count], "U8"):
+            return f"holds valid as {header['valid'][1]} {header['valid'][0]}, expected U8 [{count}]"
+        return None
+
+    def _index_problems(self, index: dict[str, Any]) -> list[str]:
+        """``"<shard file>: <what is wrong>"`` for every shard the index lists that cannot be used."""
+        try:
+            num_shards, shard_size = int(index["num_shards"]), int(index["shard_size"])
+            item_shape = [int(s) for s in index["item_shape"]]
+        except (KeyError, TypeError, ValueError):
+            return [f"{INDEX_FILE}: unreadable"]
+        if shard_size < 1 or num_shards != max(1, math.ceil(self.num_items / shard_size)):
+            return [f"{INDEX_FILE}: lists {num_shards} shards of {shard_size} for {self.num_items} items"]
+        problems = []
+        for k in range(num_shards):
+            problem = self.shard_problem(k, min(shard_size, self.num_items - k * shard_size), item_shape)
+            if problem is not None:
+                problems.append(f"{self.shard_path(k).name}: {problem}")
+        return problems
 
     def state(self) -> str:
-        """``complete``, ``missing``, ``partial (k shards)``, ``broken (...)`` or ``stale (<changed fields>)``."""
+        """``complete``, ``missing``, ``partial (k shards)``, ``broken (<shard>: <problem>; ...)`` or
+        ``stale (<changed fields>)``. Every shard's header is checked (see the module docstring)."""
         index = self._read_index()
         if index is not None and index.get("key") == self.key:
-            if all(self.shard_path(k).is_file() for k in range(int(index["num_shards"]))):
+            problems = self._index_problems(index)
+            if not problems:
                 return "complete"
-            return "broken (shards missing)"
-        done = sum(1 for path in self.folder.glob("shard-*.safetensors") if self._key_of(path) == self.key)
+            more = f"; {len(problems) - 3} more" if len(problems) > 3 else ""
+            return f"broken ({'; '.join(problems[:3])}{more})"
+        done = 0
+        for path in self.folder.glob("shard-*.safetensors"):
+            k = path.stem.removeprefix("shard-")
+            if k.isdigit() and self.shard_problem(int(k), None, None) is None:
+                done += 1
         if done:
             return f"partial ({done} shard(s) done)"
         if index is not None:
@@ -192,7 +264,9 @@ class FeatureCache:
 
     def build(self, items: Sequence[Any], encode: EncodeFn, item_shape: Sequence[int], ranks: Ranks | None = None,
               batch_size: int = 32, state: str | None = None) -> None:
-        """Encode ``items`` into the cache unless it is complete; every rank must call this.
+        """Encode ``items`` into the cache unless it is complete; every rank must call this. Shards
+        that already hold this cache's features (checked as :meth:`state` does) are kept; only missing
+        or broken ones are encoded.
 
         ``state``: :meth:`state` as this rank read it before any rank started building (after the
         caller's barrier); read here, followed by a barrier, if not given.
@@ -218,13 +292,23 @@ class FeatureCache:
                 (self.folder / INDEX_FILE).unlink(missing_ok=True)  # never a valid-looking index over a half rebuild
             ranks.barrier()
             mine = [k for k in range(self.num_shards) if k % ranks.world_size == ranks.rank]
-            todo = [k for k in mine if not (self.shard_path(k).is_file() and self._key_of(self.shard_path(k)) == self.key)]
+            todo = []
+            for k in mine:
+                problem = self.shard_problem(k, self._shard_len(k), self.item_shape)
+                if problem is None:
+                    continue
+                todo.append(k)
+                if problem != "missing":
+                    logger.warning("feature cache %s: %s: %s; encoding it again", self.name, self.shard_path(k).name, problem)
             progress = _Progress(self.name, sum(self._shard_len(k) for k in mine))
             progress.advance(sum(self._shard_len(k) for k in mine if k not in todo), resumed=True)
             for k in todo:
                 self._build_shard(k, items, encode, batch_size, progress)
         except OSError as exc:
-            raise FeatureCacheError(f"feature cache {self.name}: cannot write {self.folder} ({exc})") from exc
+            raise FeatureCacheError(
+                f"feature cache {self.name}: {write_error_text(exc)}; free disk space or set cache.dir to another folder, "
+                "then run again (finished shards are kept)"
+            ) from exc
         ranks.barrier()
         if ranks.is_main:
             self._write_index()
@@ -247,8 +331,13 @@ class FeatureCache:
                 raise FeatureCacheError(
                     f"{self.name}: the encoder gave features of shape {tuple(encoded.shape[1:])}, expected {self.item_shape}"
                 )
-            features[offset: offset + len(chunk)] = encoded.detach().to("cpu", self.torch_dtype)
+            stored = encoded.detach().to("cpu", self.torch_dtype)
+            # Checked as stored: a value beyond fp16's range becomes inf only here.
+            finite = torch.isfinite(stored.reshape(len(chunk), -1)).all(dim=1)
+            features[offset: offset + len(chunk)] = stored
             for j, error in enumerate(errors):
+                if error is None and not finite[j]:
+                    error = f"{NON_FINITE}: the encoder gave NaN or infinite values (stored as {self.dtype})"
                 if error is None:
                     valid[offset + j] = 1
                     continue
@@ -266,6 +355,7 @@ class FeatureCache:
         save_safetensors_atomic({"features": features, "valid": valid}, self.shard_path(k), metadata)
 
     def _write_index(self) -> None:
+        """Check every shard (all ranks' work), then write the index; rank 0 only."""
         from safetensors import safe_open
 
         reasons: Counter = Counter()
@@ -273,14 +363,20 @@ class FeatureCache:
         num_valid = 0
         for k in range(self.num_shards):
             path = self.shard_path(k)
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    meta = handle.metadata() or {}
-                    valid = handle.get_tensor("valid")
-            except Exception as exc:
-                raise FeatureCacheError(f"feature cache {self.name}: shard {path.name} is unreadable ({exc}); delete {self.folder}") from exc
-            if meta.get("cache_key") != self.key or int(meta.get("count", -1)) != self._shard_len(k):
-                raise FeatureCacheError(f"feature cache {self.name}: shard {path.name} belongs to another build; delete {self.folder}")
+            # Written moments ago by this run; a shard that fails now was changed by something else
+            # (another run sharing the folder, a full disk on another rank), so it is named, not rebuilt.
+            problem = self.shard_problem(k, self._shard_len(k), self.item_shape)
+            if problem is None:
+                try:
+                    with safe_open(str(path), framework="pt") as handle:
+                        meta = handle.metadata() or {}
+                        valid = handle.get_tensor("valid")
+                except Exception as exc:
+                    problem = f"unreadable ({type(exc).__name__}: {str(exc)[:160]})"
+            if problem is not None:
+                raise FeatureCacheError(
+                    f"feature cache {self.name}: {path.name}: {problem}; delete {path} and run again to encode it again"
+                )
             num_valid += int(valid.sum())
             reasons.update(json.loads(meta.get("skipped", "{}")))
             examples += json.loads(meta.get("examples", "[]"))
@@ -293,9 +389,13 @@ class FeatureCache:
             "num_shards": self.num_shards, "shard_size": self.shard_size, "item_shape": list(self.item_shape),
             "skipped": dict(reasons), "examples": examples[:LOGGED_EXAMPLES],
         }
-        tmp = self.folder / f".{INDEX_FILE}.tmp"
-        tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
-        os.replace(tmp, self.folder / INDEX_FILE)
+        try:
+            write_text_atomic(self.folder / INDEX_FILE, json.dumps(index, indent=1))
+        except OSError as exc:
+            raise FeatureCacheError(
+                f"feature cache {self.name}: {write_error_text(exc)}; free disk space or set cache.dir to another folder, "
+                "then run again (the shards are kept)"
+            ) from exc
         if reasons:
             logger.warning("feature cache %s: %d of %d items unusable and skipped (%s)", self.name,
                            self.num_items - num_valid, self.num_items, ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items())))
@@ -307,10 +407,17 @@ class FeatureCache:
         return {"num_items": index.get("num_items", 0), "num_valid": index.get("num_valid", 0), "skipped": index.get("skipped", {})}
 
     def open(self) -> ShardedFeatures:
+        """The complete cache for reading; every shard's header is checked first (:meth:`state`)."""
         index = self._read_index()
-        if self.state() != "complete" or index is None:
+        state = self.state()
+        if state.startswith("broken"):
+            raise FeatureCacheError(
+                f"feature cache {self.name} at {self.folder} is {state}; delete the shard file(s) named and run again: "
+                "the trainer encodes exactly those again"
+            )
+        if state != "complete" or index is None:
             raise FeatureCacheError(f"feature cache {self.name} at {self.folder} is not complete; build it first")
-        return ShardedFeatures(self.folder, self.num_items, int(index["shard_size"]), int(index["num_shards"]))
+        return ShardedFeatures(self.folder, self.num_items, int(index["shard_size"]), int(index["num_shards"]), self.name)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -351,10 +458,17 @@ class _Progress:
 
 
 class ShardedFeatures:
-    """Read-only, memory-mapped view of a complete cache: ``features[i]`` is item ``i``; ``valid`` [N] bool."""
+    """Read-only, memory-mapped view of a complete cache: ``features[i]`` is item ``i``; ``valid`` [N] bool.
 
-    def __init__(self, folder: Path, num_items: int, shard_size: int, num_shards: int) -> None:
+    Every row read is checked for NaN and infinities (one comparison per value already read; a scan
+    of the whole cache at open would read a multi-TB cache end to end at every start). The cache
+    never stores such a row as valid, so one means the shard changed on disk after it was built: a
+    :class:`FeatureCacheError` names the shard.
+    """
+
+    def __init__(self, folder: Path, num_items: int, shard_size: int, num_shards: int, name: str = "") -> None:
         self.folder = folder
+        self.name = name or folder.name
         self.num_items = num_items
         self.shard_size = shard_size
         self.starts = [k * shard_size for k in range(num_shards)]
@@ -380,7 +494,13 @@ class ShardedFeatures:
         if k not in self._handles:
             from safetensors import safe_open
 
-            self._handles[k] = safe_open(str(self._path(k)), framework="pt")
+            try:
+                self._handles[k] = safe_open(str(self._path(k)), framework="pt")
+            except Exception as exc:  # replaced or removed while training
+                raise FeatureCacheError(
+                    f"feature cache {self.name}: shard {self._path(k).name} can no longer be read ({type(exc).__name__}: "
+                    f"{str(exc)[:160]}); delete it and run again to encode it again"
+                ) from exc
         return self._handles[k].get_slice("features")
 
     def __len__(self) -> int:
@@ -390,7 +510,13 @@ class ShardedFeatures:
         if not 0 <= i < self.num_items:
             raise IndexError(f"feature index {i} out of range ({self.num_items})")
         k = bisect.bisect_right(self.starts, i) - 1
-        return self._slice(k)[i - self.starts[k]]
+        row = self._slice(k)[i - self.starts[k]]
+        if not torch.isfinite(row).all():
+            raise FeatureCacheError(
+                f"feature cache {self.name}: shard {self._path(k).name} holds NaN or infinite values (row {i - self.starts[k]}, "
+                f"item {i}); the file changed after it was built. Delete it and run again to encode it again"
+            )
+        return row
 
     def gather(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([self[int(i)] for i in indices]) if len(indices) else torch.empty(0, *self.item_shape)

@@ -7,7 +7,9 @@ the same features in ComfyUI as in training:
   attention mask passed), ``last_hidden_state`` for every position;
 - audio: the file decoded with soundfile (libsndfile: WAV, FLAC, OGG, MP3 ...), then the encoder's
   own input convention (AudioCLIP: :func:`encoders.to_gluegen_waveform`, 44.1 kHz, first 4 s, min-max
-  to the int16 range, two channels; CLAP: its feature extractor) and the L2-normalised embedding;
+  to the int16 range, two channels; CLAP: its feature extractor) and the L2-normalised embedding.
+  Only the start of a file that the convention keeps is decoded (:func:`audio_frames_needed`): a
+  10-minute recording costs what its first seconds cost, and the features are those of the whole file;
 - point clouds: :func:`encoders.load_point_cloud` (meshes sampled on the surface with a fixed seed)
   and ``encode_points`` (ULIP's FPS, unit sphere, L2-normalised embedding).
 
@@ -17,7 +19,8 @@ An item the encoder cannot use is reported as ``"<reason>: <detail>"`` and the c
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -119,14 +122,39 @@ def text_encode_fn(encoder: torch.nn.Module) -> EncodeFn:
     return encode
 
 
-def read_audio_file(path: Path) -> tuple[torch.Tensor, int]:
-    """``[1, channels, samples]`` float32 and the sample rate, read with soundfile (libsndfile)."""
+def audio_frames_needed(encoder: torch.nn.Module, rate: int) -> int | None:
+    """How many frames at ``rate`` the encoder's input convention looks at (``None``: all of them).
+
+    AudioCLIP (:func:`encoders.to_gluegen_waveform`) keeps 4 s at 44.1 kHz, resampled from
+    ``ceil(176400 * rate / 44100) + rate // 10 + 1024`` input samples (the resampler's margin; the same
+    expression as there, so the samples it keeps are those of the whole file); CLAP
+    (``ClapAudioEncoder.prepare``) crops to its extractor's first ``max_length_s`` seconds.
+    """
+    from ..encoders import AudioCLIPAudioEncoder, ClapAudioEncoder
+    from ..encoders.audio_input import GLUEGEN_CLIP_SAMPLES, GLUEGEN_SAMPLE_RATE
+
+    if isinstance(encoder, AudioCLIPAudioEncoder):
+        return math.ceil(GLUEGEN_CLIP_SAMPLES * rate / GLUEGEN_SAMPLE_RATE) + rate // 10 + 1024
+    if isinstance(encoder, ClapAudioEncoder):
+        return int(encoder.feature_extractor.max_length_s * rate)
+    return None
+
+
+def read_audio_file(path: Path, frames_needed: Callable[[int], int | None] | None = None) -> tuple[torch.Tensor, int]:
+    """``[1, channels, samples]`` float32 and the sample rate, read with soundfile (libsndfile).
+
+    ``frames_needed(rate)``: how many frames to decode from the start (``None``: the whole file); the
+    rest of the file is never decoded.
+    """
     try:
         import soundfile
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SourceEncoderError("reading audio files needs the soundfile package: pip install soundfile") from exc
-    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    return torch.from_numpy(data.T.copy()).unsqueeze(0), int(rate)
+    with soundfile.SoundFile(str(path)) as handle:
+        rate = int(handle.samplerate)
+        needed = frames_needed(rate) if frames_needed is not None else None
+        data = handle.read(frames=-1 if needed is None else needed, dtype="float32", always_2d=True)
+    return torch.from_numpy(data.T.copy()).unsqueeze(0), rate
 
 
 def audio_encode_fn(encoder: torch.nn.Module) -> EncodeFn:
@@ -139,7 +167,7 @@ def audio_encode_fn(encoder: torch.nn.Module) -> EncodeFn:
         decoded: dict[int, tuple[torch.Tensor, int]] = {}
         for i, clip in enumerate(clips):
             try:
-                decoded[i] = read_audio_file(clip.path)
+                decoded[i] = read_audio_file(clip.path, lambda rate: audio_frames_needed(encoder, rate))
             except SourceEncoderError:
                 raise
             except Exception as exc:  # soundfile.LibsndfileError, RuntimeError, ...

@@ -346,7 +346,7 @@ class GlueNetTask(TrainingTask):
         self.val_indices = [i for i, ok in enumerate(usable) if ok and listing.val[i]][: self.data.val_max_samples]
         skipped = caches["source"].summary()["skipped"]
         self.usable = {"train_samples_usable": len(self.train_indices), "val_samples_used": len(self.val_indices),
-                       **{f"skipped_{reason}": count for reason, count in skipped.items()}}
+                       **{f"skipped_{reason.replace(' ', '_')}": count for reason, count in skipped.items()}}
         self.cache_states = {name: cache.state() for name, cache in caches.items()}
         self._val_data: tuple[torch.Tensor, ...] | None = None
 

@@ -33,7 +33,7 @@ import torch.distributed as torch_dist
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..weights import save_safetensors_atomic
+from ..weights import save_safetensors_atomic, write_atomic
 from .config import ConfigError
 
 log = logging.getLogger("x2i.training")
@@ -49,6 +49,28 @@ RESUMABLE_CHANGES = frozenset(
 
 class TrainingError(RuntimeError):
     """A run that cannot start or continue, with what to do about it."""
+
+
+def write_error_text(exc: OSError) -> str:
+    """``cannot write <path> (<why>)`` for an ``OSError`` raised while writing (``weights.write_atomic``'s
+    already reads so; a plain one names its file and the system's reason)."""
+    text = str(exc)
+    if text.startswith("cannot write"):
+        return text
+    if exc.filename is not None:
+        return f"cannot write {exc.filename} ({exc.strerror or text})"
+    return f"cannot write ({text})"
+
+
+@contextlib.contextmanager
+def _writing(what: str, fix: str = "free disk space (or point run.output_dir elsewhere) and run the same command again"):
+    """An ``OSError`` (full disk, permissions, quota) while writing ``what`` becomes a :class:`TrainingError`
+    naming it, which the command line prints as one ``error:`` line. The checkpoints written before stay
+    intact: each is written atomically."""
+    try:
+        yield
+    except OSError as exc:
+        raise TrainingError(f"{what}: {write_error_text(exc)}; {fix}") from exc
 
 
 @dataclasses.dataclass
@@ -463,10 +485,10 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels, fontsize=8, loc="upper right")
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        write_atomic(png_path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 class _StopRequests:
@@ -549,10 +571,12 @@ def train(
                 f"run.batch_size {settings.batch_size} does not split evenly over {dist.world_size} processes; "
                 "use a multiple of the process count"
             )
-        output_dir.mkdir(parents=True, exist_ok=True)
+        with _writing("run.output_dir"):
+            output_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         if dist.is_main:
-            handler = _attach_log_file(output_dir)
+            with _writing("the run's log"):
+                handler = _attach_log_file(output_dir)
         return _train(task, settings, dist, output_dir, resume)
     finally:
         if handler is not None:
@@ -618,7 +642,8 @@ def _train(task: TrainingTask, settings: RunSettings, dist: Distributed, output_
 
     def record(entry: dict[str, Any]) -> None:
         if dist.is_main:
-            with metrics_path.open("a", encoding="utf-8") as handle:
+            # An append-only log: a torn last line costs one record, never an earlier one.
+            with _writing("the metrics log"), metrics_path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
 
     def checkpoint() -> None:
@@ -626,10 +651,13 @@ def _train(task: TrainingTask, settings: RunSettings, dist: Distributed, output_
         if dist.is_main:
             path = output_dir / CHECKPOINT_DIR / f"step-{position.step:08d}.safetensors"
             save_checkpoint(path, model, optimizer, scheduler, position, rng, identity)
-            for old in checkpoint_files(output_dir)[: -settings.keep_checkpoints]:
-                old.unlink(missing_ok=True)
+            with _writing("removing old checkpoints", f"{path.name} is written; fix the folder's permissions and run the "
+                          "same command again"):
+                for old in checkpoint_files(output_dir)[: -settings.keep_checkpoints]:
+                    old.unlink(missing_ok=True)
             if metrics_path.exists():
-                plot_loss_curve(metrics_path, output_dir / "loss_curve.png")
+                with _writing("the loss curve", f"{path.name} is written; free disk space and run the same command again"):
+                    plot_loss_curve(metrics_path, output_dir / "loss_curve.png")
             log.info("checkpoint %s", path.name)
         dist.barrier()
 
@@ -722,7 +750,9 @@ def _train(task: TrainingTask, settings: RunSettings, dist: Distributed, output_
         progress.close()
     checkpoint()
     if dist.is_main:
-        exported = task.export(model, output_dir)
+        with _writing(f"exporting the trained {task.kind}", "the last checkpoint holds the weights: free disk space and "
+                      "run the same command again to export them"):
+            exported = task.export(model, output_dir)
         log.info("%s: wrote %s", "interrupted" if interrupted else "finished", ", ".join(str(p) for p in exported))
     dist.barrier()
     return TrainResult(position.step, position.epoch, exported, interrupted, last_metrics)

@@ -213,7 +213,7 @@ def peek_target_width(settings: TargetSettings, base: Path | None = None) -> int
         if path.is_dir():
             import transformers
 
-            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             return int(getattr(config, "text_config", config).hidden_size)
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .bridge_data import ImageCaption
+from .bridge_data import ImageCaption, open_latent_shard, read_latent_row
 from .features import ShardedFeatures
 
 
@@ -80,7 +80,8 @@ class LatentTextDataset(torch.utils.data.Dataset):
 
     ``places``: the image's (shard, row) in the latent cache; ``caption_ids``: its captions' rows in the
     text cache. Training draws one caption per image per epoch (:meth:`set_epoch`); ``fixed_caption``
-    (validation) always shows the first.
+    (validation) always shows the first. Every row read is checked for NaN and infinities (a
+    :class:`.bridge_data.BridgeDataError` or :class:`.features.FeatureCacheError` names the shard).
     """
 
     def __init__(
@@ -115,13 +116,14 @@ class LatentTextDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict[str, Any]:  # open handles stay in the process that opened them
         return {**self.__dict__, "_handles": {}}
 
+    def _path(self, shard: int) -> Path:
+        return self.latent_folder / f"shard-{shard:05d}.safetensors"
+
     def _handle(self, shard: int):
         if self._pid != os.getpid():  # a forked loader worker opens its own
             self._handles, self._pid = {}, os.getpid()
         if shard not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[shard] = safe_open(str(self.latent_folder / f"shard-{shard:05d}.safetensors"), framework="pt")
+            self._handles[shard] = open_latent_shard(self._path(shard))
         return self._handles[shard]
 
     def caption_id(self, index: int) -> int:
@@ -129,9 +131,5 @@ class LatentTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         shard, row = self.places[index]
-        handle = self._handle(shard)
-        return {
-            "latent_mean": handle.get_slice("mean")[row: row + 1][0],
-            "latent_std": handle.get_slice("std")[row: row + 1][0],
-            "context": self.text[self.caption_id(index)],
-        }
+        mean, std = read_latent_row(self._handle(shard), self._path(shard), row)
+        return {"latent_mean": mean, "latent_std": std, "context": self.text[self.caption_id(index)]}

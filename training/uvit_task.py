@@ -538,6 +538,8 @@ class UViTTask(TrainingTask):
             "latent_cache": f"complete ({len(locations)} images)", "text_cache": text_cache.state(),
             "skipped_undecodable_image": len(undecodable), "train_images": len(train), "validation_images": len(val),
         })
+        if latent_cache.non_finite:
+            self._counts["skipped_non_finite_latents"] = len(latent_cache.non_finite)
 
     def _check_latents(self, cache: LatentCache) -> None:
         from safetensors import safe_open
