@@ -30,6 +30,14 @@ def test_ci_runs_exactly_the_readme_commands():
     assert positions == sorted(positions)
 
 
+def test_ci_runs_the_node_and_workflow_tests_against_the_shared_comfyui():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'COMFYUI="$(cd .. && pwd)/shared/comfyui"' in ci
+    install = ci.index('python -m pip install -r "$COMFYUI/requirements.txt"')
+    assert install < ci.index('export COMFYUI_PATH="$COMFYUI"') < ci.index("python -m pytest")
+    assert ci.index("python -m pip install -r requirements-test.txt") < install  # torch pinned before ComfyUI's "torch"
+
+
 def test_runtime_requirements_do_not_pin_torch_but_tests_do():
     runtime = (ROOT / "requirements.txt").read_text().splitlines()
     assert not [line for line in runtime if re.match(r"\s*(torch|torchaudio|torchvision)\b", line)]
