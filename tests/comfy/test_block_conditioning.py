@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sd15_testing import SD15_UNET
 
 from x2i.uvit.block_conditioning import (
     BlockContextPatch,
@@ -20,16 +21,8 @@ from x2i.uvit.block_conditioning import (
 SD15_BLOCKS = (
     *(("input", i) for i in (1, 2, 4, 5, 7, 8)), ("middle", 0), *(("output", i) for i in range(3, 12)),
 )
-# SD1.5's U-Net config (comfy/model_detection.py) with 32 instead of 320 channels: same blocks, same
-# attention layout, 768-wide context.
-SD15_NARROW = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
+# SD1.5's U-Net with 32 instead of 320 channels: same blocks, same attention layout, 768-wide context.
+SD15_NARROW = SD15_UNET | {"model_channels": 32}
 
 
 # Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
