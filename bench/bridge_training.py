@@ -61,7 +61,7 @@ def _imports():
             "from a folder: pip install --no-index --find-links WHEELS diffusers peft accelerate\n"
         )
         raise SystemExit(2)
-    import x2i_testing  # noqa: F401  (imports this repository as the package x2i)
+    import support  # noqa: F401  (imports this repository as the package x2i)
 
 
 def build(args, device: torch.device):

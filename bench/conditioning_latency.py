@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from timing import DTYPES, device_label, emit, median_ms  # noqa: E402
 
-import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
+import support  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.encoders.text import HFTextEncoder  # noqa: E402
 from x2i.gluenet import GlueNet, GlueNetConfig  # noqa: E402
 
@@ -36,7 +36,7 @@ PROMPT = "Peinture impressionniste d'un jardin d'après-midi, lumière douce, co
 def build_gluegen(device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
-    from x2i_testing import make_xlm_roberta_folder
+    from support.models import make_xlm_roberta_folder
 
     # The tokenizer is a small one trained on the fly; tokenising one prompt costs the same order.
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's GPU run, one command of at most --budget seconds (default 465), no network needed: the CUDA tests
-# (tests marked `device`; tests/comfy in ComfyUI's normal, --lowvram and --novram modes; tests/integration fully
+# (tests marked `device`; tests/nodes in ComfyUI's normal, --lowvram and --novram modes; tests/integration fully
 # in normal mode, its shipped-workflow, txt2img and repeated-prompt tests in the other two) and every benchmark
 # in bench/ at the settings of the issue's targets.
 #
@@ -21,7 +21,7 @@
 #   env.txt          nvidia-smi, versions, pip list, what was installed from the carry
 #   logs.tar.gz      every part's .log, the tests' junit .xml, the benchmarks' stdout (.json)
 # Exit code: 0 when every part that had to run passed. --device cpu skips the lowvram/novram parts (ComfyUI
-# has no VRAM there); --quick takes the smallest settings, runs tests/comfy/test_devices.py of tests/comfy and
+# has no VRAM there); --quick takes the smallest settings, runs tests/nodes/test_devices.py of tests/nodes and
 # the integration tests that touch the carried packages, and leaves the torch.compile variants out.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_run.sh OUT [--device cuda|cpu] [--quick] [--only REGEX] [--budget S]}; shift
@@ -88,7 +88,7 @@ EOF
 record() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$LOG/parts.tsv"; publish; }  # name status rc t0 t1 limit note
 
 sd15_current() {  # the cached integration checkpoint has the current recipe (tests/integration/conftest.py's rule)
-  "$PY" -c 'import json, sys; sys.path.insert(0, "tests/integration"); import _sd15_checkpoint as c
+  "$PY" -c 'import json, sys; sys.path.insert(0, "tests/support"); import sd15_checkpoint as c
 try:
     f = open(sys.argv[1], "rb"); meta = json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__") or {}
 except (OSError, ValueError):
@@ -102,12 +102,12 @@ spec() {  # spec NAME: T / Q = timeout (s) on the GPU / with --quick (0: not run
   "$PY" -c "import pytest_timeout" 2>/dev/null && pyt+=(--timeout "$($QUICK && echo 400 || echo 150)")
   QX=() NOTE=
   case $1 in
-    tests_device)        T=170 Q=420; CMD=("${pyt[@]}" -m device "${d[@]}" --ignore tests/comfy --ignore tests/integration) ;;
-    tests_comfy_vram_short) T=90 Q=0; CMD=("${pyt[@]}" tests/comfy/test_devices.py "${d[@]}" -k "$SHORT") ;;
-    tests_comfy_*)       T=170 Q=420; CMD=("${pyt[@]}" tests/comfy "${d[@]}" --comfy-vram "$m")
+    tests_device)        T=170 Q=420; CMD=("${pyt[@]}" -m device "${d[@]}" --ignore tests/nodes --ignore tests/integration) ;;
+    tests_comfy_vram_short) T=90 Q=0; CMD=("${pyt[@]}" tests/nodes/test_devices.py "${d[@]}" -k "$SHORT") ;;
+    tests_comfy_*)       T=170 Q=420; CMD=("${pyt[@]}" tests/nodes "${d[@]}" --comfy-vram "$m")
                          [ "$DEVICE" = cuda ] && [ "$m" = normal ] && CMD+=(-k "not $SHORT")
                          QX=(-k test_devices) ;;  # --quick: the device-switch tests only (CI runs the rest on CPU)
-    sd15_checkpoint)     T=150 Q=300; CMD=("$PY" tests/integration/_sd15_checkpoint.py --comfyui "$COMFYUI_PATH"
+    sd15_checkpoint)     T=150 Q=300; CMD=("$PY" tests/support/sd15_checkpoint.py --comfyui "$COMFYUI_PATH"
                                            --out "$X2I_TEST_CACHE/sd15_random.safetensors")
                          sd15_current && CMD=(true) NOTE="cached in $X2I_TEST_CACHE" ;;
     tests_integration_normal) T=240 Q=420; CMD=("${pyt[@]}" tests/integration "${d[@]}" --comfy-vram normal)

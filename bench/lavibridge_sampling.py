@@ -45,10 +45,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))
 from timing import DTYPES, device_label, emit, median_ms, synchronize  # noqa: E402
 
-import x2i_testing  # noqa: E402  (imports this repository as the package x2i)
+import support.models  # noqa: E402  (importing support imports this repository as the package x2i)
 
 PROMPT = "a red cube on top of a blue sphere, to the left of a green cone, studio photo"
 NEGATIVE = "blurry, low quality"
@@ -63,7 +62,7 @@ ADAPTER_INT = {False: 896, True: 64}
 
 
 def import_comfy(path: str, device: torch.device):
-    sys.path.insert(0, path)  # before tests/, whose comfy/ folder would shadow ComfyUI's package
+    sys.path.insert(0, path)  # first, so that ComfyUI's top-level modules (nodes, utils) win over same-named folders
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = device.type == "cpu"  # must precede comfy.model_management
@@ -79,9 +78,10 @@ def build_unet(dtype: torch.dtype):
     import comfy.model_detection
     import comfy.model_management as mm
     import comfy.model_patcher
-    from _sd15_checkpoint import SD15_UNET_CONFIG
 
-    config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET_CONFIG))
+    from support.sd15_unet import SD15_UNET
+
+    config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({})
     generator = torch.Generator().manual_seed(0)
@@ -101,7 +101,7 @@ def build_language_model(folder: Path, small: bool, dtype: torch.dtype):
     from x2i.encoders import HFTextEncoder
     from x2i.nodes.common import encoder_patcher
 
-    tokenizer = AutoTokenizer.from_pretrained(x2i_testing.make_t5_encoder_folder(folder / "tokenizer", d_model=32, layers=1))
+    tokenizer = AutoTokenizer.from_pretrained(support.models.make_t5_encoder_folder(folder / "tokenizer", d_model=32, layers=1))
     torch.manual_seed(0)
     t5 = T5EncoderModel(T5Config(**(T5_SMALL if small else T5_LARGE))).eval()
     encoder = HFTextEncoder(t5.to(dtype), tokenizer, "t5-large (random)", max_length=77, use_attention_mask=False)
@@ -112,7 +112,7 @@ def write_bridge(folder: Path, t5, small: bool) -> None:
     """A released-format t5_unet folder: LoRA lists of the real shapes, the adapter at its real widths."""
     from x2i.bridge import TextAdapter, TextAdapterConfig
 
-    x2i_testing.write_lavibridge_folder(folder, t5, "t5", adapter_in=t5.config.d_model)
+    support.models.write_lavibridge_folder(folder, t5, "t5", adapter_in=t5.config.d_model)
     widths = {"in_dim": t5.config.d_model, "int_dim": ADAPTER_INT[small], "out_dim": 768}
     torch.manual_seed(1)
     adapter = TextAdapter(TextAdapterConfig(**widths))

@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from timing import DTYPES, device_label, emit, median_ms  # noqa: E402
 
-import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
+import support  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.encoders.pointbert import PointBERTConfig, PointBERTEncoder  # noqa: E402
 
 VARIANTS = {"ulip1": PointBERTConfig.ulip1, "ulip2_colored": PointBERTConfig.ulip2_colored, "ulip2_xyz": PointBERTConfig.ulip2_xyz}

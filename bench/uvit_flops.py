@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from timing import emit  # noqa: E402
 
-import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
+import support  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.uvit.config import PAPER_SETTINGS  # noqa: E402
 from x2i.uvit.flops import uvit_cost  # noqa: E402
 

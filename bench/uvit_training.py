@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from timing import DTYPES, device_label, emit, time_training_steps  # noqa: E402
 
-import x2i_testing  # noqa: E402,F401  (imports this repository as the package x2i)
+import support  # noqa: E402,F401  (imports this repository as the package x2i)
 from x2i.training.uvit_task import (  # noqa: E402
     UViTOptimSettings,
     UViTTrainingModel,

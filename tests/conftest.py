@@ -9,12 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from x2i_testing import (
-    make_t5_encoder_folder,
-    make_xlm_roberta_folder,
-    random_state_dict,
-    translator_noln_layout,
-)
+import support  # noqa: F401  (first: imports this repository as the package x2i)
+from support.models import make_t5_encoder_folder, make_xlm_roberta_folder, random_state_dict, translator_noln_layout
 
 TINY_XLMR_HIDDEN = 64
 
@@ -98,7 +94,15 @@ def small_text_gluenet_ckpt(tmp_path_factory, small_text_gluenet_state) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny Llama folder (hidden 32, its sentencepiece tokenizer) written with save_pretrained."""
+    from support.models import make_llama_folder
+
+    return make_llama_folder(tmp_path_factory.mktemp("encoders") / "llama-tiny")
+
+
+@pytest.fixture(scope="session")
 def tiny_clap(tmp_path_factory) -> Path:
-    from x2i_testing import make_clap_folder
+    from support.models import make_clap_folder
 
     return make_clap_folder(tmp_path_factory.mktemp("encoders") / "clap-tiny")

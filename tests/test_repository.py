@@ -64,7 +64,7 @@ def test_pyproject_follows_registry_rules():
 
 def test_model_code_imports_without_comfyui():
     code = (
-        "import sys; sys.path.insert(0, 'tests'); import x2i_testing; import x2i.gluenet, x2i.encoders, x2i.bridge, x2i.weights, x2i.training.cli, x2i.uvit, x2i.uvit.convert, x2i.uvit.block_conditioning; "
+        "import sys; sys.path.insert(0, 'tests'); import support; import x2i.gluenet, x2i.encoders, x2i.bridge, x2i.weights, x2i.training.cli, x2i.uvit, x2i.uvit.convert, x2i.uvit.block_conditioning; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -11,7 +11,7 @@ Session fixtures, in dependency order:
 * ``sd15_checkpoint``   -> Path of a cached random-weight SD1.5 checkpoint.
 * ``comfy_models_dir``  -> Path of a temp models root (checkpoints/, text_encoders/,
   gluenet/, ...); request fixtures that add files to it *before* ``comfy_server``.
-* ``comfy_server``      -> a running ``ComfyServer`` (see comfy_harness.py).
+* ``comfy_server``      -> a running ``ComfyServer`` (see tests/support/comfy_server.py).
 """
 
 from __future__ import annotations
@@ -32,25 +32,24 @@ import pytest
 import torch
 import trimesh
 from safetensors.torch import save_file
+from transformers import T5EncoderModel
 
-HERE = Path(__file__).resolve().parent
-# Make the sibling helpers importable under any --import-mode (importlib mode adds nothing).
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-from _sd15_checkpoint import RECIPE_METADATA_KEY, RECIPE_VERSION  # noqa: E402
-from comfy_harness import MODEL_FOLDERS, ComfyServer, ServerLayout, start_server  # noqa: E402
-
-from x2i.gluenet import GlueNetConfig, save_gluenet  # noqa: E402
-from x2i.gluenet.modules import GlueNet  # noqa: E402
-from x2i_testing import (  # noqa: E402
+from support.comfy_server import MODEL_FOLDERS, ComfyServer, ServerLayout, start_server
+from support.models import (
     audioclip_full_checkpoint,
     fake_ulip_checkpoint,
     make_t5_encoder_folder,
     make_xlm_roberta_folder,
     official_layout,
     random_state_dict,
+    write_lavibridge_folder,
 )
+from support.sd15_checkpoint import RECIPE_METADATA_KEY, RECIPE_VERSION
+from x2i.gluenet import GlueNetConfig, save_gluenet
+from x2i.gluenet.modules import GlueNet
+
+HERE = Path(__file__).resolve().parent
+SD15_CHECKPOINT_SCRIPT = HERE.parent / "support" / "sd15_checkpoint.py"
 
 log = logging.getLogger("x2i.tests.conftest")
 
@@ -113,7 +112,7 @@ def _is_current_build(path: Path) -> bool:
 def sd15_checkpoint(comfyui_path: Path) -> Path:
     """A random-weight SD1.5 single-file checkpoint (~2.1 GB fp16), built once and cached.
 
-    Built by ``_sd15_checkpoint.py`` in a subprocess, which also checks that
+    Built by ``tests/support/sd15_checkpoint.py`` in a subprocess, which also checks that
     ``comfy.sd.load_checkpoint_guess_config`` loads it as SD1.5.
     """
     target = _cache_dir() / CHECKPOINT_NAME
@@ -122,7 +121,7 @@ def sd15_checkpoint(comfyui_path: Path) -> Path:
     log.info("building %s (about a minute)", target)
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, str(HERE / "_sd15_checkpoint.py"),
+        [sys.executable, str(SD15_CHECKPOINT_SCRIPT),
          "--comfyui", str(comfyui_path), "--out", str(target)],
         capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
     if result.returncode != 0:
@@ -252,3 +251,14 @@ def multimodal_inputs(comfy_server: ComfyServer) -> Path:
 def varied_sounds(multimodal_inputs: Path) -> list[str]:
     """Five WAV files of different pitch in the server's input folder (prompts that must not hit the cache)."""
     return [write_wav(multimodal_inputs / f"varied_{k}.wav", pitch=500.0 + 40 * k).name for k in range(5)]
+
+
+@pytest.fixture(scope="session")
+def lavibridge_t5_models(comfy_models_dir: Path) -> Path:
+    """What lavibridge_t5_sd15.json names besides the checkpoint: a tiny T5 as ``t5-large`` and a released-
+    format ``t5_unet`` bridge (the Llama bridge and a second LoRA come with ``lavibridge_models``)."""
+    t5_folder = make_t5_encoder_folder(comfy_models_dir / "text_encoders" / "t5-large")
+    (comfy_models_dir / "lavi_bridge").mkdir(exist_ok=True)
+    t5 = T5EncoderModel.from_pretrained(t5_folder)
+    write_lavibridge_folder(comfy_models_dir / "lavi_bridge" / "t5_unet", t5, "t5", adapter_in=t5.config.d_model)
+    return comfy_models_dir

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfy_harness import ComfyServer
-from ui_workflow import ui_to_api
+from support.comfy_server import ComfyServer
+from support.ui_workflow import ui_to_api
 
 # Saved-by-the-frontend shape (schema 0.4): links are
 # [id, origin_id, origin_slot, target_id, target_slot, type]; widget inputs also

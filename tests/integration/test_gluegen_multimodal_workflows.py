@@ -4,7 +4,8 @@ generated WAV, a generated PLY, released-format AudioCLIP / GlueNet / ULIP files
 from __future__ import annotations
 
 import pytest
-from comfy_harness import shipped_workflow_prompt
+
+from support.comfy_server import shipped_workflow_prompt
 
 
 @pytest.mark.parametrize(

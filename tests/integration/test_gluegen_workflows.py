@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from comfy_harness import ComfyServer, shipped_workflow_prompt
+
+from support.comfy_server import ComfyServer, shipped_workflow_prompt
 
 
 def _nodes_of(prompt: dict, class_type: str) -> list[dict]:

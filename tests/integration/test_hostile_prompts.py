@@ -3,7 +3,7 @@ of a file's contents in the answer, and the server answers the next request."""
 
 from __future__ import annotations
 
-from comfy_harness import ComfyServer
+from support.comfy_server import ComfyServer
 
 SECRET = "TOPSECRET-b41c 1 2 3"
 

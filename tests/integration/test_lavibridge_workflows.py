@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_harness import ComfyServer, shipped_workflow_prompt
 from safetensors.torch import save_file
 from transformers import AutoModel, T5EncoderModel
 
-from x2i_testing import (
+from support.comfy_server import ComfyServer, shipped_workflow_prompt
+from support.models import (
     make_llama_folder,
-    make_t5_encoder_folder,
     write_lavibridge_folder,
     write_pixart_checkpoint,
     write_pixart_lora_vis,
@@ -34,11 +33,9 @@ PIXART_TEST_SIZE = 320
 
 
 @pytest.fixture(scope="session")
-def lavibridge_models(comfy_models_dir: Path) -> Path:
-    t5_folder = make_t5_encoder_folder(comfy_models_dir / "text_encoders" / "t5-large")
-    (comfy_models_dir / "lavi_bridge").mkdir(exist_ok=True)
-    t5 = T5EncoderModel.from_pretrained(t5_folder)
-    write_lavibridge_folder(comfy_models_dir / "lavi_bridge" / "t5_unet", t5, "t5", adapter_in=t5.config.d_model)
+def lavibridge_models(lavibridge_t5_models: Path) -> Path:
+    """lavibridge_t5_models (conftest) plus the Llama-2 bridge and a second, ordinary LoRA."""
+    comfy_models_dir = lavibridge_t5_models
     llama_folder = make_llama_folder(comfy_models_dir / "text_encoders" / "Llama-2-7b-hf")
     llama = AutoModel.from_pretrained(llama_folder)
     write_lavibridge_folder(comfy_models_dir / "lavi_bridge" / "llama2_unet", llama, "llama", adapter_in=llama.config.hidden_size, seed=1)

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 
 import pytest
-from comfy_harness import ComfyServer, memory_flags, shipped_workflow_prompt
-from transformers import T5EncoderModel
 
-from x2i_testing import make_t5_encoder_folder, write_lavibridge_folder
+from support.comfy_server import ComfyServer, memory_flags, shipped_workflow_prompt
 
 log = logging.getLogger("x2i.tests.memory")
 
@@ -26,7 +23,7 @@ WARM_UP_PROMPTS = 5  # the first prompts load models, fill caches and grow alloc
 # machine: 0-4 MiB over the last 15 prompts of either workflow). Anything kept per prompt of ~30 MB or more
 # (a decoded 512-px image batch, a model or a patched weight set reloaded and not freed: a GlueNet is
 # 191 MiB) crosses the bound within the 15 prompts. Small per-prompt tensors are the in-process gc scan's
-# job (tests/comfy/test_devices.py).
+# job (tests/nodes/test_devices.py).
 RSS_GROWTH_FRACTION = 0.05
 RSS_GROWTH_SLACK = 100 * 1024**2
 # GPU: the VRAM torch tensors hold in the server (allocator reserved - free) may grow over the last 15 prompts
@@ -37,20 +34,6 @@ VRAM_GROWTH_BOUND = 16 * 1024**2
 # Words that vary the positive prompt (French for the GlueGen router, which must keep detecting French).
 WORDS = ("rouge", "bleu", "vert", "jaune", "noir", "blanc", "gris", "rose", "violet", "orange",
          "brun", "doré", "argenté", "clair", "sombre", "vif", "pâle", "chaud", "froid", "calme")
-
-
-@pytest.fixture(scope="session")
-def lavibridge_t5_models(comfy_models_dir: Path) -> Path:
-    """What lavibridge_t5_sd15.json names besides the checkpoint: a tiny T5 as ``t5-large`` and a released-
-    format ``t5_unet`` bridge; written as test_lavibridge_workflows.py writes them (same seeds)."""
-    t5_folder = comfy_models_dir / "text_encoders" / "t5-large"
-    if not (t5_folder / "config.json").is_file():
-        make_t5_encoder_folder(t5_folder)
-    bridge = comfy_models_dir / "lavi_bridge" / "t5_unet"
-    if not (bridge / "adapter").is_dir():
-        t5 = T5EncoderModel.from_pretrained(t5_folder)
-        write_lavibridge_folder(bridge, t5, "t5", adapter_in=t5.config.d_model)
-    return comfy_models_dir
 
 
 def test_server_runs_in_the_mode_the_switch_chose(comfy_server: ComfyServer, pytestconfig: pytest.Config):

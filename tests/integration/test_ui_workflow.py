@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from comfy_harness import WORKFLOWS_DIR, ComfyServer
-from ui_workflow import UnsupportedWorkflowError, ui_to_api
+
+from support.comfy_server import WORKFLOWS_DIR, ComfyServer
+from support.ui_workflow import UnsupportedWorkflowError, ui_to_api
 
 KSAMPLER_WIDGETS = [7, "randomize", 3, 6.5, "euler", "karras", 0.8]
 

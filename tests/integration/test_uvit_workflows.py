@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_harness import WORKFLOWS_DIR, ComfyServer, shipped_workflow_prompt
 from PIL import Image
 
+from support.comfy_server import WORKFLOWS_DIR, ComfyServer, shipped_workflow_prompt
+from support.models import write_clip_from_checkpoint, write_vae_from_checkpoint
 from x2i.uvit import UViT, UViTConfig, save_uvit
-from x2i_testing import write_clip_from_checkpoint, write_vae_from_checkpoint
 
 UVIT_WORKFLOW = "uvit_text_to_image.json"
 BLOCK_WORKFLOW = "block_conditioning_sd15.json"
