@@ -22,8 +22,6 @@ from support.training import (
 from x2i.training import Distributed, RunSettings, section, train
 from x2i.training.gluenet_task import GlueNetTask
 
-pytest.importorskip("soundfile")
-
 
 def train_gluenet(root: Path, name: str, data: dict, source: str, model: dict | None = None) -> Path:
     """A few steps of a real run with the SD1-wide (768) toy CLIP target; returns the exported file."""

@@ -29,7 +29,7 @@ from support.training import (
     write_sd1_checkpoint,
 )
 from x2i.gluenet import GlueNetConfig, load_gluenet
-from x2i.training import ConfigError, Distributed, RunSettings, section, train
+from x2i.training import ConfigError, Distributed, RunSettings, TrainingError, section, train
 from x2i.training.cli import main as cli_main
 from x2i.training.gluenet_objective import GlueNetLossSettings, GlueNetObjective, alignment_metrics, token_weights
 from x2i.training.gluenet_task import GlueNetTask
@@ -328,7 +328,7 @@ def test_dry_run_prints_counts_without_encoding(text_setup: Path, capsys):
 
 def test_a_target_of_the_wrong_width_is_refused_before_anything_runs(text_setup: Path):
     raw = text_config(text_setup, "wide", **{"model.out_dim": 768, "cache.dir": str(text_setup / "wide-cache")})
-    with pytest.raises(Exception, match="gives 32-wide features but the GlueNet is configured to output 768"):
+    with pytest.raises(TrainingError, match="gives 32-wide features but the GlueNet is configured to output 768"):
         run_in_process(raw)
     assert not (text_setup / "wide-cache").exists()
 

@@ -132,7 +132,6 @@ def test_class_folders_and_custom_label_prompts(tmp_path: Path):
 
 
 def test_audio_files_are_read_with_soundfile_and_unreadable_ones_reported(tmp_path: Path):
-    pytest.importorskip("soundfile")
     root = write_sound_folders(tmp_path / "sounds", clips_per_class=1)
     waveform, rate = read_audio_file(root / "siren" / "siren-0.wav")
     assert rate == 16000 and waveform.shape == (1, 1, 8000)

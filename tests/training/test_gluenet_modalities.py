@@ -22,9 +22,6 @@ from x2i.gluenet import load_gluenet
 from x2i.training import Distributed, RunSettings, section, train
 from x2i.training.gluenet_task import GlueNetTask
 
-pytest.importorskip("soundfile")
-
-
 # Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
