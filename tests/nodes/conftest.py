@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,11 +94,19 @@ def pack(comfy):
 
 
 @pytest.fixture(scope="session")
-def installed(comfy, tiny_xlmr, small_text_gluenet_ckpt):
-    """Model files placed where a user puts them."""
+def spanish_text_gluenet_state() -> dict:
+    from support.models import random_state_dict, translator_noln_layout
+
+    return random_state_dict(translator_noln_layout(77, 64, 768, depth=2), seed=2)
+
+
+@pytest.fixture(scope="session")
+def installed(comfy, tiny_xlmr, small_text_gluenet_ckpt, spanish_text_gluenet_state):
+    """Model files placed where a user puts them; the French and Spanish GlueNets have different weights,
+    so routing to the wrong one shows in the numbers."""
     models = comfy["models"]
     shutil.copytree(tiny_xlmr, models / "text_encoders" / "xlm-roberta-tiny", dirs_exist_ok=True)
-    for language in ("French", "Spanish"):
-        shutil.copy(small_text_gluenet_ckpt, models / "gluenet" / f"gluenet_{language}_clip_overnorm_over3_noln.ckpt")
+    shutil.copy(small_text_gluenet_ckpt, models / "gluenet" / "gluenet_French_clip_overnorm_over3_noln.ckpt")
+    torch.save(spanish_text_gluenet_state, models / "gluenet" / "gluenet_Spanish_clip_overnorm_over3_noln.ckpt")
     (models / "gluenet" / "not_a_gluenet.safetensors").write_bytes(b"garbage")
     return models

@@ -60,14 +60,21 @@ def test_cpu_never_runs_the_encoder_in_fp16(pack, comfy):
     assert common.encoder_dtype("bf16", cpu) == torch.bfloat16
 
 
-def test_router_node_routes_per_prompt_and_checks_languages(pack, installed):
+def test_router_node_routes_per_prompt_and_checks_languages(pack, installed, tiny_xlmr, small_text_gluenet_state,
+                                                            spanish_text_gluenet_state):
     french = pack.X2IGlueNetLoader.execute("gluenet_French_clip_overnorm_over3_noln.ckpt", "from file").result[0]
     spanish = pack.X2IGlueNetLoader.execute("gluenet_Spanish_clip_overnorm_over3_noln.ckpt", "from file").result[0]
     (router,) = pack.X2IGlueNetRouter.execute("auto", gluenet_1=french, gluenet_2=spanish).result
     assert router.route("Pintura impresionista de un jardín de tarde").target is spanish
     encoder = pack.X2ITextEncoderLoader.execute("xlm-roberta-tiny", "fp32").result[0]
-    (conditioning,) = pack.X2IGlueGenTextEncode.execute(encoder, router, "un perro en la playa").result
-    assert conditioning[0][0].shape == (1, 77, 768)
+    # Each prompt reaches its own GlueNet: the numbers are that GlueNet's official recipe, not the other's.
+    for text, state, other in (("un perro en la playa al atardecer", spanish_text_gluenet_state, small_text_gluenet_state),
+                               ("un chat assis sur un tapis rouge", small_text_gluenet_state, spanish_text_gluenet_state)):
+        (conditioning,) = pack.X2IGlueGenTextEncode.execute(encoder, router, text).result
+        got = conditioning[0][0]
+        assert got.shape == (1, 77, 768)
+        torch.testing.assert_close(got, reference_gluegen_text(tiny_xlmr, state, [text]), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(got, reference_gluegen_text(tiny_xlmr, other, [text]), atol=1e-2)
     with pytest.raises(ValueError, match="two GlueNets for 'fr'"):
         pack.X2IGlueNetRouter.execute("auto", gluenet_1=french, gluenet_3=french)
     with pytest.raises(ValueError, match="no GlueNet for 'ja' is connected"):

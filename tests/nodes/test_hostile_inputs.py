@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,7 +165,8 @@ def test_a_huge_block_spec_is_refused_at_once(world, pack):
 
 def test_a_gluenet_or_bridge_replaced_on_disk_is_loaded_again(world, pack):
     """ComfyUI caches a loader's output by its inputs plus fingerprint_inputs: the file's state must be in it."""
-    gluenet = world["models"] / "gluenet" / "gluenet_French_clip_overnorm_over3_noln.ckpt"
+    shared = world["models"] / "gluenet" / "gluenet_French_clip_overnorm_over3_noln.ckpt"
+    gluenet = Path(shutil.copy(shared, shared.with_name("gluenet_French_replaced.ckpt")))  # other tests read the shared one
     before = pack.X2IGlueNetLoader.fingerprint_inputs(gluenet_name=gluenet.name, language="from file")
     replacement = gluenet.with_name("replacement.tmp")
     torch.save(random_state_dict(translator_noln_layout(77, 64, 768, depth=2), seed=5), replacement)
