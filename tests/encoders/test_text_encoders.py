@@ -76,6 +76,9 @@ def test_long_prompts_warn_and_keep_the_first_77_tokens(tiny_xlmr, caplog):
         features = encoder.encode([long_prompt])
     assert "only the first 77 are used" in caplog.text
     assert features.shape == (1, 77, 64)
+    # The first 77 tokens, closing </s> included, as GlueGen's truncating tokenizer call gives them.
+    torch.testing.assert_close(features, official_features(tiny_xlmr, [long_prompt]))
+    assert not torch.allclose(features, official_features(tiny_xlmr, [" ".join(["un chat assis sur un tapis rouge"] * 2)]), atol=1e-3)
 
 
 def test_requested_dtype_is_used(tiny_xlmr):
