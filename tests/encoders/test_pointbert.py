@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from support import DATA_DIR
-from support.models import fake_ulip_checkpoint, official_pointbert_layout, stripped_pointbert_layout
+from support.models import fake_ulip_checkpoint, official_pointbert_layout, splitmix_uniform, stripped_pointbert_layout
 from support.precision import ENCODER_HALF, assert_close_in_half
 from x2i.encoders.pointbert import (
     CUDA_FPS_MIN_NORM_SQ,
@@ -44,16 +44,6 @@ TINY_COLORED = PointBERTConfig(
 
 
 # --- deterministic weights: the golden file was produced by feeding these to the official classes ---------
-
-
-def splitmix_uniform(n: int, seed: int) -> np.ndarray:
-    """``n`` floats in [-1, 1) from SplitMix64 in uint64 arithmetic: identical on every platform and version."""
-    with np.errstate(over="ignore"):
-        z = (np.arange(n, dtype=np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0
 
 
 def deterministic_state(layout: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:

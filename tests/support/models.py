@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
@@ -466,3 +467,15 @@ def write_clip_from_checkpoint(checkpoint: Path, target: Path) -> Path:
     """SD1.x's CLIP ViT-L/14 text tower as a standalone file (``clip_l.safetensors``'s ``text_model.*``
     layout, which Load CLIP reads with type stable_diffusion)."""
     return write_part_of_checkpoint(checkpoint, target, "cond_stage_model.transformer.")
+
+
+# ---- Weights that depend on nothing but (key, shape, seed): the golden files were made with these ----
+
+def splitmix_uniform(n: int, seed: int) -> np.ndarray:
+    """``n`` floats in [-1, 1) from SplitMix64 in uint64 arithmetic: identical on every platform and version."""
+    with np.errstate(over="ignore"):
+        z = (np.arange(n, dtype=np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0

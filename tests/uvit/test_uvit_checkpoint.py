@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from support import DATA_DIR
+from support.models import splitmix_uniform
 from support.precision import NETWORK_HALF, assert_close_in_half
 from x2i.uvit import UViT, UViTConfig, UViTFileError, load_uvit, load_uvit_state_dict, probe_uvit_file, save_uvit
 from x2i.uvit.checkpoint import (
@@ -52,16 +53,6 @@ TINY_CONFIG = dict(image_size=32, patch_size=2, in_channels=4, width=128, depth=
 
 # Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def splitmix_uniform(n: int, seed: int) -> np.ndarray:
-    """``n`` floats in [-1, 1) from SplitMix64 in uint64 arithmetic: identical on every platform and version."""
-    with np.errstate(over="ignore"):
-        z = (np.arange(n, dtype=np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0
 
 
 def deterministic_state(layout: dict[str, list[int]], seed: int = 1) -> dict[str, torch.Tensor]:
