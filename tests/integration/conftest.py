@@ -32,21 +32,37 @@ import pytest
 import torch
 import trimesh
 from safetensors.torch import save_file
-from transformers import T5EncoderModel
+from transformers import AutoModel, T5EncoderModel
 
 from support.comfy_server import MODEL_FOLDERS, ComfyServer, ServerLayout, start_server
 from support.models import (
     audioclip_full_checkpoint,
     fake_ulip_checkpoint,
+    make_llama_folder,
     make_t5_encoder_folder,
     make_xlm_roberta_folder,
     official_layout,
     random_state_dict,
+    write_clip_from_checkpoint,
     write_lavibridge_folder,
+    write_pixart_checkpoint,
+    write_pixart_lora_vis,
+    write_vae_from_checkpoint,
 )
 from support.sd15_checkpoint import RECIPE_METADATA_KEY, RECIPE_VERSION
+from support.workflow_models import (
+    CLIP_FILE,
+    PIXART_TEST_DEPTH,
+    SD_IN_WRONG_FOLDER,
+    SECOND_LORA,
+    SECOND_LORA_KEY,
+    TINY_UVIT,
+    UVIT_FILE,
+    VAE_FILE,
+)
 from x2i.gluenet import GlueNetConfig, save_gluenet
 from x2i.gluenet.modules import GlueNet
+from x2i.uvit import UViT, save_uvit
 
 HERE = Path(__file__).resolve().parent
 SD15_CHECKPOINT_SCRIPT = HERE.parent / "support" / "sd15_checkpoint.py"
@@ -261,4 +277,44 @@ def lavibridge_t5_models(comfy_models_dir: Path) -> Path:
     (comfy_models_dir / "lavi_bridge").mkdir(exist_ok=True)
     t5 = T5EncoderModel.from_pretrained(t5_folder)
     write_lavibridge_folder(comfy_models_dir / "lavi_bridge" / "t5_unet", t5, "t5", adapter_in=t5.config.d_model)
+    return comfy_models_dir
+
+
+@pytest.fixture(scope="session")
+def lavibridge_models(lavibridge_t5_models: Path) -> Path:
+    """lavibridge_t5_models (conftest) plus the Llama-2 bridge and a second, ordinary LoRA."""
+    comfy_models_dir = lavibridge_t5_models
+    llama_folder = make_llama_folder(comfy_models_dir / "text_encoders" / "Llama-2-7b-hf")
+    llama = AutoModel.from_pretrained(llama_folder)
+    write_lavibridge_folder(comfy_models_dir / "lavi_bridge" / "llama2_unet", llama, "llama", adapter_in=llama.config.hidden_size, seed=1)
+    save_file(
+        {f"{SECOND_LORA_KEY}.lora_up.weight": torch.randn(320, 4) * 0.01,
+         f"{SECOND_LORA_KEY}.lora_down.weight": torch.randn(4, 768) * 0.01,
+         f"{SECOND_LORA_KEY}.alpha": torch.tensor(4.0)},
+        str(comfy_models_dir / "loras" / SECOND_LORA),
+    )
+    return comfy_models_dir
+
+
+@pytest.fixture(scope="session")
+def pixart_models(lavibridge_models: Path, sd15_checkpoint: Path) -> Path:
+    """The files lavibridge_t5_pixart.json names: the PixArt transformer, the SD VAE, the t5_transformer bridge."""
+    write_pixart_checkpoint(lavibridge_models / "diffusion_models" / "PixArt-XL-2-512x512.safetensors", depth=PIXART_TEST_DEPTH)
+    write_vae_from_checkpoint(sd15_checkpoint, lavibridge_models / "vae" / "vae-ft-ema-560000-ema-pruned.safetensors")
+    t5 = T5EncoderModel.from_pretrained(lavibridge_models / "text_encoders" / "t5-large")
+    folder = write_lavibridge_folder(lavibridge_models / "lavi_bridge" / "t5_transformer", t5, "t5", adapter_in=t5.config.d_model,
+                                     seed=2, pixart=True)
+    write_pixart_lora_vis(folder, depth=PIXART_TEST_DEPTH, seed=2)
+    return lavibridge_models
+
+
+@pytest.fixture(scope="session")
+def uvit_models(comfy_models_dir: Path, sd15_checkpoint: Path) -> Path:
+    torch.manual_seed(0)
+    save_uvit(UViT(TINY_UVIT), comfy_models_dir / "diffusion_models" / UVIT_FILE)
+    write_clip_from_checkpoint(sd15_checkpoint, comfy_models_dir / "text_encoders" / CLIP_FILE)
+    write_vae_from_checkpoint(sd15_checkpoint, comfy_models_dir / "vae" / VAE_FILE)
+    wrong = comfy_models_dir / "diffusion_models" / SD_IN_WRONG_FOLDER
+    if not wrong.exists():
+        os.link(sd15_checkpoint, wrong)  # a whole SD checkpoint where a U-ViT is expected
     return comfy_models_dir

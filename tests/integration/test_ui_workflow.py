@@ -85,6 +85,13 @@ def test_linked_widget_input_keeps_its_widget_slot(object_info: dict[str, Any]) 
     assert inputs["steps"] == 3 and inputs["denoise"] == 0.8
 
 
+def test_core_audio_nodes_send_the_audio_players_empty_value(object_info: dict[str, Any]) -> None:
+    """What frontend 1.27.10's graphToPrompt sends (test_frontend.py compares the two on the shipped workflows)."""
+    ui = _workflow(nodes=[_node(1, "LoadAudio", widgets=["bark.wav", None, None], outputs=["AUDIO"])], links=[])
+
+    assert ui_to_api(ui, object_info)["1"]["inputs"] == {"audio": "bark.wav", "audioUI": ""}
+
+
 def test_unknown_node_type_is_an_error(object_info: dict[str, Any]) -> None:
     ui = _workflow(nodes=[_node(1, "NoSuchNodeAnywhere")], links=[])
 

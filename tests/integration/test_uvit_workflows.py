@@ -8,39 +8,16 @@ SD1.5 checkpoint."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from support.comfy_server import WORKFLOWS_DIR, ComfyServer, shipped_workflow_prompt
-from support.models import write_clip_from_checkpoint, write_vae_from_checkpoint
-from x2i.uvit import UViT, UViTConfig, save_uvit
+from support.workflow_models import SD_IN_WRONG_FOLDER, UVIT_FILE, UVIT_TEST_SIZE
 
 UVIT_WORKFLOW = "uvit_text_to_image.json"
 BLOCK_WORKFLOW = "block_conditioning_sd15.json"
-UVIT_FILE = "uvit_small_mscoco.safetensors"
-CLIP_FILE = "clip_l.safetensors"
-VAE_FILE = "vae-ft-mse-840000-ema-pruned.safetensors"
-SD_IN_WRONG_FOLDER = "sd15_in_diffusion_models.safetensors"
-TEST_SIZE = 64  # pixels; the tiny U-ViT's 8×8 latents
-# Heads = width // 64 and 77 tokens x 768: what the released models have.
-TINY_UVIT = UViTConfig("cross", "intermediate", n_image=1, n_text=1, image_size=TEST_SIZE // 8, width=128, depth=4, heads=2)
 LONG_PROMPT = " ".join(["a red double-decker bus driving down a wet city street at dusk next to tall glass buildings"] * 6)
-
-
-@pytest.fixture(scope="session")
-def uvit_models(comfy_models_dir: Path, sd15_checkpoint: Path) -> Path:
-    torch.manual_seed(0)
-    save_uvit(UViT(TINY_UVIT), comfy_models_dir / "diffusion_models" / UVIT_FILE)
-    write_clip_from_checkpoint(sd15_checkpoint, comfy_models_dir / "text_encoders" / CLIP_FILE)
-    write_vae_from_checkpoint(sd15_checkpoint, comfy_models_dir / "vae" / VAE_FILE)
-    wrong = comfy_models_dir / "diffusion_models" / SD_IN_WRONG_FOLDER
-    if not wrong.exists():
-        os.link(sd15_checkpoint, wrong)  # a whole SD checkpoint where a U-ViT is expected
-    return comfy_models_dir
 
 
 def _node(prompt: dict, class_type: str) -> dict:
@@ -63,7 +40,7 @@ def _run_to_error(server: ComfyServer, prompt: dict) -> dict:
 
 
 def test_shipped_uvit_workflow_samples_with_ksampler(uvit_models, comfy_server: ComfyServer):
-    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=TEST_SIZE, steps=3)
+    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=UVIT_TEST_SIZE, steps=3)
     assert {n["class_type"] for n in prompt.values()} >= {"X2IUViTLoader", "CLIPLoader", "VAELoader", "KSampler", "SaveImage"}
     assert _node(prompt, "CLIPLoader")["inputs"]["type"] == "stable_diffusion"
     entry = comfy_server.run(prompt)
@@ -71,12 +48,12 @@ def test_shipped_uvit_workflow_samples_with_ksampler(uvit_models, comfy_server: 
     images = comfy_server.output_files(entry)
     assert len(images) == 1
     with Image.open(images[0]) as image:
-        assert image.size == (TEST_SIZE, TEST_SIZE)
+        assert image.size == (UVIT_TEST_SIZE, UVIT_TEST_SIZE)
     assert f"U-ViT {UVIT_FILE}: cross-intermediate" in comfy_server.log_tail(400_000)
 
 
 def test_a_long_prompt_samples_from_its_first_clip_chunk(uvit_models, comfy_server: ComfyServer):
-    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=TEST_SIZE, steps=2)
+    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=UVIT_TEST_SIZE, steps=2)
     positive = next(n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and n["inputs"]["text"])
     positive["inputs"]["text"] = LONG_PROMPT
     entry = comfy_server.run(prompt)
@@ -85,11 +62,11 @@ def test_a_long_prompt_samples_from_its_first_clip_chunk(uvit_models, comfy_serv
 
 
 def test_uvit_bad_inputs_are_named(uvit_models, comfy_server: ComfyServer):
-    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=2 * TEST_SIZE, steps=2)
+    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=2 * UVIT_TEST_SIZE, steps=2)
     error = _run_to_error(comfy_server, prompt)
     assert "latent is 16×16 but this U-ViT was trained on 8×8 latents (64×64 images" in error["exception_message"]
 
-    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=TEST_SIZE, steps=2)
+    prompt = shipped_workflow_prompt(UVIT_WORKFLOW, comfy_server, size=UVIT_TEST_SIZE, steps=2)
     _node(prompt, "X2IUViTLoader")["inputs"]["uvit_name"] = SD_IN_WRONG_FOLDER
     status, body = comfy_server.queue(prompt)
     assert status == 400

@@ -307,11 +307,14 @@ def start_server(comfyui_path: Path, layout: ServerLayout, models_dir: Path, dev
 WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
 
 
-def shipped_workflow_prompt(name: str, server: ComfyServer, size: int = 64, steps: int = 2) -> dict[str, Any]:
-    """API prompt of ``workflows/<name>`` as the frontend would send it, shrunk to ``size`` pixels and
-    ``steps`` sampling steps so a 2-core CPU runs it in seconds; everything else as shipped."""
+def shipped_workflow_prompt(name: str, server: ComfyServer, size: int | None = None, steps: int = 2) -> dict[str, Any]:
+    """API prompt of ``workflows/<name>`` as the frontend would send it, shrunk to ``size`` pixels (by default
+    the workflow's ``workflow_models.shrunk_size``) and ``steps`` sampling steps so a 2-core CPU runs it in
+    seconds; everything else as shipped."""
     from support.ui_workflow import ui_to_api
+    from support.workflow_models import shrunk_size
 
+    size = shrunk_size(name) if size is None else size
     prompt = ui_to_api(json.loads((WORKFLOWS_DIR / name).read_text(encoding="utf-8")), server.object_info())
     for node in prompt.values():
         if node["class_type"] == "EmptyLatentImage":

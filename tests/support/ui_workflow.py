@@ -18,7 +18,9 @@ in ``example_workflows/`` through ``POST /prompt`` without a browser:
   "control after generate" widget, COMBOs with ``control_after_generate`` by
   that plus a filter-list widget, and media-upload COMBOs add an upload button
   after the required inputs. Those extra widgets are saved in the workflow but
-  never sent to the server;
+  never sent to the server -- except the audio player that Comfy.AudioWidget adds to
+  the core audio nodes, which is sent as ``"audioUI": ""`` (graphToPrompt skips only
+  widgets whose *options* say ``serialize: false``; that one sets the flag on itself);
 * a widget that is also linked keeps its slot in ``widgets_values``; the link wins;
 * list values are wrapped as ``{"__value__": [...]}`` as the frontend does.
 
@@ -47,7 +49,8 @@ VIRTUAL_NODE_TYPES = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNod
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 LEGACY_SEED_NAMES = frozenset({"seed", "noise_seed"})
 MEDIA_UPLOAD_FLAGS = ("image_upload", "video_upload", "animated_image_upload", "audio_upload")
-# Comfy.AudioWidget adds a DOM "audioUI" widget to exactly these core nodes.
+# Comfy.AudioWidget adds a DOM "audioUI" widget to exactly these core nodes; graphToPrompt sends its value "".
+AUDIO_UI_WIDGET = "audioUI"
 AUDIO_UI_NODES = frozenset({"LoadAudio", "SaveAudio", "PreviewAudio", "SaveAudioMP3", "SaveAudioOpus"})
 
 
@@ -142,7 +145,10 @@ def _widget_inputs(node: dict[str, Any], node_def: dict[str, Any]) -> dict[str, 
         log.warning("node %s (%s): %d widget values for %d widgets",
                     node["id"], node["type"], len(values), len(slots))
     # Surplus values (widgets added by a node's own JS extension) are ignored.
-    return {slot.name: value for slot, value in zip(slots, values, strict=False) if slot.name is not None}
+    inputs = {slot.name: value for slot, value in zip(slots, values, strict=False) if slot.name is not None}
+    if node["type"] in AUDIO_UI_NODES:
+        inputs[AUDIO_UI_WIDGET] = ""
+    return inputs
 
 
 def _widget_names(node_def: dict[str, Any]) -> list[str]:
