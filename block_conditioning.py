@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import X2IError
+
 BlockId = tuple[str, int]
 SECTIONS = ("input", "middle", "output")
 DEFAULT_BLOCKS = "middle"
@@ -37,7 +39,7 @@ MAX_BLOCK_INDEX = 63
 MAX_SPEC_CHARS = 1000
 
 
-class BlockSpecError(ValueError):
+class BlockSpecError(X2IError):
     """A blocks string that does not parse or names blocks without cross-attention."""
 
 
@@ -155,19 +157,19 @@ def replace_positive_rows(
     rows = context.shape[0] if rows is None else rows
     if context.shape[0] != rows:
         if context.shape[0] != 1:
-            raise ValueError(f"context has batch {context.shape[0]} but the attention has {rows} rows")
+            raise X2IError(f"context has batch {context.shape[0]} but the attention has {rows} rows")
         context = context.expand(rows, -1, -1)
     if replacement.shape[-1] != context.shape[-1]:
-        raise ValueError(
+        raise X2IError(
             f"the block conditioning is {replacement.shape[-1]} wide but this cross-attention takes "
             f"{context.shape[-1]}-wide text: encode it with the same CLIP as the sampler's prompt"
         )
     flags = [0] if not cond_or_uncond else list(cond_or_uncond)
     if rows % len(flags):
-        raise ValueError(f"{rows} rows do not split into {len(flags)} cond/uncond chunks")
+        raise X2IError(f"{rows} rows do not split into {len(flags)} cond/uncond chunks")
     per_chunk = rows // len(flags)
     if replacement.shape[0] not in (1, per_chunk):
-        raise ValueError(
+        raise X2IError(
             f"the block conditioning has batch {replacement.shape[0]} but each prompt runs a batch of {per_chunk}: "
             "give one conditioning (it is shared) or one per latent"
         )
@@ -189,7 +191,7 @@ class BlockContextPatch:
 
     def __init__(self, context: torch.Tensor, blocks: Iterable[BlockId]) -> None:
         if context.ndim != 3:
-            raise ValueError(f"block conditioning must be [batch, tokens, width], got shape {tuple(context.shape)}")
+            raise X2IError(f"block conditioning must be [batch, tokens, width], got shape {tuple(context.shape)}")
         self.context = context
         self.blocks = frozenset(blocks)
 

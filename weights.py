@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -20,6 +22,11 @@ from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+# The dtype names the pack's settings and node inputs use, and the torch dtype each means.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def describe_keys(keys: Iterable[str], limit: int = 5) -> str:
@@ -141,6 +148,18 @@ def config_from_json(cls: type[ConfigT], text: str | Mapping[str, Any], error: t
         raise error(f"{what} metadata is incomplete: {exc}") from exc
 
 
+def read_json_object(path: Path, error: type[Exception], where: str, fix: str = "") -> dict[str, Any]:
+    """The JSON object in ``path`` (a ``config.json``), or ``error`` saying ``where`` is unreadable, not JSON
+    or another JSON value, followed by ``fix``."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{where} is not readable JSON ({exc}){fix}") from exc
+    if not isinstance(raw, dict):
+        raise error(f"{where} holds a {type(raw).__name__}, not an object{fix}")
+    return raw
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -188,3 +207,20 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def torch_save_atomic(obj: object, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj)`` to ``path``, atomically (:func:`write_atomic`); for the released pickle layouts."""
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def copy_missing_files(source_dir: str | os.PathLike[str], target_dir: str | os.PathLike[str]) -> list[str]:
+    """Copy each file of ``source_dir`` that ``target_dir`` lacks, atomically; never overwrite. Returns the
+    names copied. A file that cannot be written is logged and skipped: samples are a convenience."""
+    copied = []
+    for source in sorted(Path(source_dir).iterdir()):
+        target = Path(target_dir) / source.name
+        if not source.is_file() or target.exists():
+            continue
+        try:
+            write_atomic(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
+        except OSError as exc:
+            logger.warning("could not copy the sample %s to %s: %s", source.name, target_dir, exc)
+            continue
+        copied.append(source.name)
+    return copied

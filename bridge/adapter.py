@@ -9,7 +9,6 @@ diffusers' ``save_pretrained``: ``config.json`` + ``diffusion_pytorch_model.bin`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from ..weights import build_and_load, describe_keys, read_torch_checkpoint, unwrap_state_dict
+from ..weights import build_and_load, describe_keys, read_json_object, read_torch_checkpoint, unwrap_state_dict
 from .errors import LaViBridgeFileError
 
 logger = logging.getLogger(__name__)
@@ -56,12 +55,20 @@ class TextAdapterConfig:
                 raise LaViBridgeFileError(f"adapter {name} must be a whole number from 1 to {MAX_ADAPTER_WIDTH}, got {value!r}")
 
     @property
-    def name(self) -> str | None:
-        """The released pair this shape belongs to, if any."""
+    def released_pair(self) -> str | None:
+        """The released pair whose widths (language model in, diffusion context out) this adapter has,
+        whatever its intermediate width: a bridge trained with another ``int_dim`` still follows that
+        pair's recipe. The three released pairs differ in their widths."""
         for name, config in RELEASED_ADAPTERS.items():
-            if config == self:
+            if (config.in_dim, config.out_dim) == (self.in_dim, self.out_dim):
                 return name
         return None
+
+    @property
+    def name(self) -> str | None:
+        """The released adapter this exact shape is, if any."""
+        pair = self.released_pair
+        return pair if pair is not None and RELEASED_ADAPTERS[pair] == self else None
 
 
 # The three released adapters (HuggingFace shihaozhao/LaVi-Bridge), sizes checked against the
@@ -157,12 +164,7 @@ def read_adapter_config(folder: Path) -> TextAdapterConfig:
             f"{folder.name} has no config.json: pick the whole 'adapter' folder of a LaVi-Bridge release "
             "(config.json plus diffusion_pytorch_model.bin or .safetensors)"
         )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LaViBridgeFileError(f"{folder.name}/config.json is not readable JSON ({exc}): re-download it") from exc
-    if not isinstance(raw, dict):
-        raise LaViBridgeFileError(f"{folder.name}/config.json holds a {type(raw).__name__}, not an object: re-download it")
+    raw = read_json_object(path, LaViBridgeFileError, f"{folder.name}/config.json", ": re-download it")
     class_name = raw.get("_class_name", OFFICIAL_CLASS_NAME)
     if class_name != OFFICIAL_CLASS_NAME:
         raise LaViBridgeFileError(

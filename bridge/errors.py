@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import X2IError
 
-class LaViBridgeFileError(ValueError):
+
+class LaViBridgeFileError(X2IError):
     """A LaVi-Bridge file or folder that cannot be used; the message names the problem and the fix."""

@@ -21,15 +21,18 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..encoders.text import HFTextEncoder, check_prompts, load_text_encoder
+from ..encoders.text import CONFIG_FILE, HFTextEncoder, check_prompts, load_text_encoder
+from ..weights import read_json_object
 from .adapter import RELEASED_ADAPTERS, TextAdapterConfig
 from .errors import LaViBridgeFileError
+from .lora import TextFamily
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,39 @@ def text_config(recipe: LaViBridgeRecipe | str) -> LaViBridgeTextConfig:
     except ValueError as exc:
         names = ", ".join(r.value for r in LaViBridgeRecipe)
         raise ValueError(f"unknown LaVi-Bridge recipe {recipe!r}: use one of {names}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------
+# Language-model families: "t5" (an encoder, the T5 recipes) or "llama" (a decoder-only model, the Llama
+# recipe); the family decides the LoRA layers (:func:`.lora.text_lora_targets`) and how prompts are encoded.
+
+T5_MODEL_TYPES = ("t5", "mt5", "umt5")
+
+
+def family_of_recipe(recipe: LaViBridgeRecipe | str) -> TextFamily:
+    """The family of the language model a recipe was trained with."""
+    return "llama" if text_config(recipe).decoder_only else "t5"
+
+
+def family_of_hf_config(config: Mapping[str, object], name: str) -> TextFamily:
+    """The family of a Hugging Face model from its ``config.json`` fields (``model_type``,
+    ``is_encoder_decoder``): T5 / mT5 / UMT5 bridge by their encoder, any other decoder-only model as
+    Llama does; other encoder-decoders (BART, ...) have no LaVi-Bridge recipe. ``name`` is for messages."""
+    model_type = str(config.get("model_type", ""))
+    if model_type in T5_MODEL_TYPES:
+        return "t5"
+    if config.get("is_encoder_decoder"):
+        raise LaViBridgeFileError(f"{name} is a {model_type} encoder-decoder; LaVi-Bridge bridges T5 encoders or Llama-style decoders")
+    return "llama"
+
+
+def family_of_hf_folder(folder: str | os.PathLike[str]) -> TextFamily:
+    """:func:`family_of_hf_config` of a Hugging Face model folder, read from its ``config.json`` alone."""
+    folder = Path(folder)
+    config_file = folder / CONFIG_FILE
+    if not config_file.is_file():
+        raise LaViBridgeFileError(f"language model {folder} has no config.json: give a Hugging Face model folder")
+    return family_of_hf_config(read_json_object(config_file, LaViBridgeFileError, str(config_file)), folder.name)
 
 
 def _llama_pad_id(tokenizer) -> int:
@@ -216,8 +252,7 @@ def load_language_model(
     config = text_config(recipe)
     encoder = load_text_encoder(folder, dtype=dtype or config.default_dtype, max_length=config.max_length)
     encoder.use_attention_mask = config.use_attention_mask
-    is_decoder_only = not getattr(encoder.transformer.config, "is_encoder_decoder", False) and encoder.transformer.config.model_type != "t5"
-    if is_decoder_only != config.decoder_only:
+    if family_of_hf_config(encoder.transformer.config.to_dict(), encoder.name) != family_of_recipe(config.recipe):
         raise LaViBridgeFileError(
             f"{encoder.name} is a {encoder.transformer.config.model_type} model but recipe {config.recipe.value} needs "
             f"{config.language_model}: pick the language model the adapter was trained with"

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from ..weights import build_and_load, describe_keys, save_safetensors_atomic, torch_save_atomic, write_text_atomic
 from .adapter import CONFIG_FILE, OFFICIAL_CLASS_NAME, TextAdapter, TextAdapterConfig
 from .errors import LaViBridgeFileError
-from .language_models import LaViBridgeRecipe, text_config
+from .language_models import LaViBridgeRecipe, family_of_recipe, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ __all__ = [
 FORMAT_NAME = "x2i.lavibridge"
 FORMAT_VERSION = "1"
 DIFFUSION_MODELS = ("sd1", "pixart")
+# What each names, for messages.
+DIFFUSION_MODEL_NAMES = {"sd1": "an SD1.x U-Net (768-wide text context)", "pixart": "PixArt-XL-2"}
 LANGUAGE_MODEL_FAMILIES = ("t5", "llama")
 # The recipe each (language model, diffusion model) pair is trained and prompted with.
 RECIPES: dict[tuple[str, str], LaViBridgeRecipe] = {
@@ -148,7 +150,7 @@ def save_trained_bridge(
     recipe = LaViBridgeRecipe(recipe)
     if diffusion_model not in DIFFUSION_MODELS:
         raise ValueError(f"diffusion_model must be one of {DIFFUSION_MODELS}, got {diffusion_model!r}")
-    family = "llama" if text_config(recipe).decoder_only else "t5"
+    family = family_of_recipe(recipe)
     if recipe_for(family, diffusion_model) != recipe:
         raise ValueError(f"recipe {recipe.value} is not the recipe of a {family} bridge to {diffusion_model}")
     if not vision_lora:
@@ -335,6 +337,10 @@ def load_trained_bridge(path: str | os.PathLike[str], dtype: torch.dtype = torch
 # ---------------------------------------------------------------------------------------------------
 # The released folder layout
 
+RELEASED_ADAPTER_FOLDER = "adapter"
+RELEASED_VISION_LORA = "lora_vis.pt"
+RELEASED_TEXT_LORA = "lora_text.pt"
+
 
 def write_released_layout(
     folder: str | os.PathLike[str],
@@ -349,14 +355,14 @@ def write_released_layout(
     written atomically and flushed to disk (:func:`..weights.write_atomic`): a full disk leaves the
     previous file or none, never a torn one or a temp file, and comes out as an ``OSError`` naming it."""
     folder = Path(folder)
-    (folder / "adapter").mkdir(parents=True, exist_ok=True)
+    (folder / RELEASED_ADAPTER_FOLDER).mkdir(parents=True, exist_ok=True)
 
     def flat(pairs: Sequence[LoraPair]) -> list[torch.Tensor]:
         # clone(): a view would drag its whole storage into the file.
         return [t.detach().to("cpu", torch.float16).contiguous().clone() for pair in pairs for t in pair]
 
-    torch_save_atomic(flat(vision_pairs), folder / "lora_vis.pt")
-    torch_save_atomic(flat(text_pairs), folder / "lora_text.pt")
+    torch_save_atomic(flat(vision_pairs), folder / RELEASED_VISION_LORA)
+    torch_save_atomic(flat(text_pairs), folder / RELEASED_TEXT_LORA)
     config = {
         "_class_name": OFFICIAL_CLASS_NAME,
         "_diffusers_version": DIFFUSERS_VERSION_TAG,
@@ -365,8 +371,8 @@ def write_released_layout(
         "out_dim": adapter.config.out_dim,
     }
     adapter_state = {k: v.detach().to("cpu", torch.float32) for k, v in adapter.state_dict().items()}
-    save_safetensors_atomic(adapter_state, folder / "adapter" / ADAPTER_WEIGHTS, DIFFUSERS_WEIGHTS_METADATA)
-    write_text_atomic(folder / "adapter" / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    save_safetensors_atomic(adapter_state, folder / RELEASED_ADAPTER_FOLDER / ADAPTER_WEIGHTS, DIFFUSERS_WEIGHTS_METADATA)
+    write_text_atomic(folder / RELEASED_ADAPTER_FOLDER / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     logger.info("Wrote released LaVi-Bridge layout %s (%d vision, %d text LoRA pairs)", folder, len(vision_pairs), len(text_pairs))
     return folder
 

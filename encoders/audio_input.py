@@ -46,6 +46,8 @@ import math
 
 import torch
 
+from ..errors import X2IError
+
 logger = logging.getLogger(__name__)
 
 GLUEGEN_SAMPLE_RATE = 44100
@@ -68,7 +70,7 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 768_000
 MAX_RESAMPLE_KERNEL = 1 << 22  # 32 MiB; a rate rounded to 100 Hz needs at most 4.8M
 
 
-class AudioInputError(ValueError):
+class AudioInputError(X2IError):
     """Audio that cannot be encoded; the message names the problem and the fix."""
 
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import X2IError
 from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch, unwrap_state_dict
 from .audio_input import GLUEGEN_CLIP_SAMPLES, GLUEGEN_SAMPLE_RATE, to_gluegen_waveform
 
@@ -52,7 +53,7 @@ SIGNATURE_KEYS = ("fbsp.fc", "fbsp.fb", "fbsp.m", "layer1.0.conv1.weight", "att1
 BLACKMAN_HARRIS = (0.35875, 0.48829, 0.14128, 0.01168)
 
 
-class AudioCLIPFileError(ValueError):
+class AudioCLIPFileError(X2IError):
     """A file that cannot be used as AudioCLIP's audio branch; the message names the problem and the fix."""
 
 
@@ -230,7 +231,7 @@ class ESResNeXtFBSP(nn.Module):
         super().__init__()
         self.config = config = config or AudioCLIPAudioConfig()
         if config.window != "blackmanharris":
-            raise ValueError(f"only the Blackman-Harris window of the released AudioCLIP is supported, got {config.window!r}")
+            raise X2IError(f"only the Blackman-Harris window of the released AudioCLIP is supported, got {config.window!r}")
         self.register_buffer("window", blackman_harris_window(config.win_length))
         self.conv1 = nn.Conv2d(config.num_bands, config.stem_width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(config.stem_width)
@@ -335,7 +336,7 @@ class ESResNeXtFBSP(nn.Module):
         """``[B, C, T]`` int16-range audio to ``[B * C, 3, 341, frames]`` float32 decibels."""
         cfg = self.config
         if audio.ndim != 3:
-            raise ValueError(f"AudioCLIP expects audio shaped [batch, channels, samples], got {tuple(audio.shape)}")
+            raise X2IError(f"AudioCLIP expects audio shaped [batch, channels, samples], got {tuple(audio.shape)}")
         frames = self.frames(audio)
         n, num_frames = frames.shape[0], frames.shape[1]
         spec = F.linear(frames, self.spectrogram_filters()).view(n, num_frames, 2, cfg.used_bins)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import X2IError
 from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch
 from .pointcloud import MIN_POINTS, PointCloudError, normalize_to_unit_sphere
 
@@ -48,7 +49,7 @@ ULIP_DEFAULT_RGB = 0.4
 FPS_INPUT_FACTOR = 2
 
 
-class PointBERTCheckpointError(ValueError):
+class PointBERTCheckpointError(X2IError):
     """A file that cannot be used as a ULIP PointBERT encoder; the message names the problem and the fix."""
 
 
@@ -75,14 +76,14 @@ class PointBERTConfig:
 
     def __post_init__(self) -> None:
         if self.in_channels not in (3, 6):
-            raise ValueError(f"PointBERT in_channels must be 3 (xyz) or 6 (xyz+rgb), got {self.in_channels}")
+            raise X2IError(f"PointBERT in_channels must be 3 (xyz) or 6 (xyz+rgb), got {self.in_channels}")
         if self.width % self.heads:
-            raise ValueError(f"PointBERT width {self.width} is not divisible by heads {self.heads}")
+            raise X2IError(f"PointBERT width {self.width} is not divisible by heads {self.heads}")
         for name in ("num_points", "depth", "width", "heads", "num_groups", "group_size", "encoder_dims", "output_dim"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"PointBERT {name} must be positive, got {getattr(self, name)}")
+                raise X2IError(f"PointBERT {name} must be positive, got {getattr(self, name)}")
         if not self.group_size <= self.num_groups <= self.num_points:
-            raise ValueError(
+            raise X2IError(
                 f"PointBERT needs group_size <= num_groups <= num_points, got {self.group_size}, "
                 f"{self.num_groups}, {self.num_points}"
             )

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import X2IError
+
 logger = logging.getLogger(__name__)
 
 MIN_POINTS = 32
@@ -49,7 +51,7 @@ NPZ_POINT_KEYS = ("points", "xyz", "pos")
 NPZ_COLOR_KEYS = ("colors", "rgb", "color", "colours")
 
 
-class PointCloudError(ValueError):
+class PointCloudError(X2IError):
     """A point cloud that cannot be used; the message names the problem and the fix."""
 
 

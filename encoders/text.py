@@ -17,6 +17,8 @@ import torch
 import transformers
 from torch import nn
 
+from ..errors import X2IError
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
@@ -42,7 +44,7 @@ MAX_PROMPT_CHARS = 50_000
 OFFLINE_NO_REMOTE_CODE = {"local_files_only": True, "trust_remote_code": False}
 
 
-class TextEncoderFolderError(ValueError):
+class TextEncoderFolderError(X2IError):
     """A text-encoder folder that cannot be loaded; the message says what is missing and how to fix it."""
 
 
@@ -51,9 +53,9 @@ def check_prompts(texts: Sequence[str]) -> list[str]:
     texts = [texts] if isinstance(texts, str) else list(texts)
     for text in texts:
         if not isinstance(text, str):
-            raise ValueError(f"a prompt must be text, got {type(text).__name__}")
+            raise X2IError(f"a prompt must be text, got {type(text).__name__}")
         if len(text) > MAX_PROMPT_CHARS:
-            raise ValueError(
+            raise X2IError(
                 f"the prompt has {len(text):,} characters, over the limit of {MAX_PROMPT_CHARS:,}; only its first 77 "
                 "tokens are used, so shorten it"
             )

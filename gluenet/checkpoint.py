@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import X2IError
 from ..weights import (
     build_and_load,
     describe_keys,
@@ -46,7 +47,7 @@ LANGUAGE_NAMES: dict[str, str] = {
 }
 
 
-class GlueNetFileError(ValueError):
+class GlueNetFileError(X2IError):
     """A file that cannot be used as a GlueNet; the message names the problem and the fix."""
 
 

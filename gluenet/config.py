@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from ..errors import X2IError
 from ..weights import config_from_json
 
 Architecture = Literal["translator", "translator_noln", "translator_w_head", "translator_attn"]
@@ -15,7 +16,7 @@ OutputScaling = Literal["tensor_norm_half", "none"]
 OUTPUT_SCALINGS: tuple[str, ...] = ("tensor_norm_half", "none")
 
 
-class GlueNetConfigError(ValueError):
+class GlueNetConfigError(X2IError):
     """A GlueNet configuration that cannot describe a working translator."""
 
 

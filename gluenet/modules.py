@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import X2IError
 from .config import GlueNetConfig
 from .scaling import clip_tensor_norm
 
@@ -182,7 +183,7 @@ class GlueNet(nn.Module):
         if (num_tokens, width) == (expected_tokens, expected_width):
             return
         hint = f" (trained on {self.config.encoder_hint})" if self.config.encoder_hint else ""
-        raise ValueError(
+        raise X2IError(
             f"GlueNet input mismatch: this GlueNet{hint} expects {expected_tokens} tokens x {expected_width} "
             f"channels, but {source} gives {num_tokens} x {width}. Load the encoder this GlueNet was trained "
             f"for, or a GlueNet trained for this encoder (width {width})."
@@ -193,7 +194,7 @@ class GlueNet(nn.Module):
         tokens, width = self.input_shape
         if size != tokens * width:
             hint = f" (trained on {self.config.encoder_hint})" if self.config.encoder_hint else ""
-            raise ValueError(
+            raise X2IError(
                 f"GlueNet input mismatch: this GlueNet{hint} expects an embedding of {tokens} x {width} = "
                 f"{tokens * width} values, but {source} gives {size}. Load the encoder this GlueNet was trained "
                 "for, or a GlueNet trained for this encoder."
@@ -206,7 +207,7 @@ class GlueNet(nn.Module):
             self.check_embedding(features.shape[1], source)
             return features.reshape(features.shape[0], *self.input_shape)
         if features.ndim != 3:
-            raise ValueError(f"GlueNet expects [batch, tokens, channels] features, got shape {tuple(features.shape)}")
+            raise X2IError(f"GlueNet expects [batch, tokens, channels] features, got shape {tuple(features.shape)}")
         self.check_source(features.shape[1], features.shape[2], source)
         return features
 

@@ -15,13 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from ..errors import X2IError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 AUTO = "auto"
 
 
-class LanguageRoutingError(ValueError):
+class LanguageRoutingError(X2IError):
     """No GlueNet fits the requested or detected language."""
 
 

@@ -8,7 +8,7 @@ import torch
 
 from support.cost import cost_of
 from support.sd15_unet import SD15_BLOCKS
-from x2i.uvit.block_conditioning import (
+from x2i.block_conditioning import (
     MAX_BLOCK_INDEX,
     MAX_SPEC_CHARS,
     BlockContextPatch,
@@ -31,7 +31,7 @@ def test_huge_specs_are_refused_naming_the_limit(spec, message):
 
 def test_the_largest_accepted_spec_is_cheap():
     assert len(parse_blocks(f"input:0-{MAX_BLOCK_INDEX},output:0-{MAX_BLOCK_INDEX},middle")) == 2 * (MAX_BLOCK_INDEX + 1) + 1
-    cost = cost_of('parse_blocks("input:0-3000000")', setup="from x2i.uvit.block_conditioning import parse_blocks")
+    cost = cost_of('parse_blocks("input:0-3000000")', setup="from x2i.block_conditioning import parse_blocks")
     assert cost["error"].startswith("BlockSpecError") and cost["seconds"] < 0.1 and cost["peak_mib"] < 5, cost
 
 

@@ -7,7 +7,11 @@ Everything here runs without ComfyUI; what it writes loads in the pack's nodes.
 """
 
 from .config import ConfigError, load_config, section
-from .runtime import Distributed, RunSettings, TrainingError, TrainingTask, TrainResult, train
+from .distributed import Distributed
+from .errors import TrainingError
+from .loop import TrainResult, train
+from .settings import RunSettings
+from .task import TrainingTask
 
 __all__ = [
     "ConfigError",

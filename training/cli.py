@@ -12,8 +12,11 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import X2IError
 from .config import ConfigError, load_config, section
-from .runtime import RunSettings, TrainingError, TrainingTask, apply_run_defaults, train
+from .loop import train
+from .settings import RunSettings, apply_run_defaults
+from .task import TrainingTask
 
 # kind -> (module, class): imported on demand so `train gluenet` never imports diffusers.
 TASKS: dict[str, tuple[str, str]] = {
@@ -128,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(json.dumps({"run": dataclasses.asdict(settings), **task.config()}, indent=2) + "\n")
             return 0
         result = train(task, settings, resume=args.resume, dry_run=args.dry_run)
-    except (ConfigError, TrainingError) as exc:
+    except X2IError as exc:  # everything the pack reports to a user; anything else is a bug and keeps its traceback
         sys.stderr.write(f"error: {error_line(exc)}\n")
         return 2
     if result.dry_run is not None:

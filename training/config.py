@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..errors import X2IError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -24,7 +26,7 @@ else:  # pragma: no cover - Python 3.10
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(X2IError):
     """A config file, override or value the trainer cannot use."""
 
 
@@ -75,6 +77,39 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
     for override in overrides:
         apply_override(raw, override)
     return raw
+
+
+def move_keys(raw: Mapping[str, Any], moves: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` (a table of sections) with every key named on the left of ``moves`` (``"section.key"``) moved
+    to the name on its right, and the old names found. Settings keep working under the names they had
+    before a rename; a key given under both names is a :class:`ConfigError`."""
+    out = {name: dict(values) if isinstance(values, Mapping) else values for name, values in raw.items()}
+    found = []
+    for old, new in moves.items():
+        (old_section, old_key), (new_section, new_key) = old.split(".", 1), new.split(".", 1)
+        values = out.get(old_section)
+        if not isinstance(values, dict) or old_key not in values:
+            continue
+        target = out.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # section() names the ill-typed section
+        if new_key in target:
+            raise ConfigError(f"{old} is the old name of {new} and both are set; keep only {new}")
+        target[new_key] = values.pop(old_key)
+        found.append(old)
+    return out, found
+
+
+def differing_leaves(old: Any, new: Any, missing: Any = None) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` of every leaf where two trees of settings differ (sorted by key
+    at each level); a key only one side has is ``missing`` on the other."""
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+        return [] if old == new else [("", old, new)]
+    found = []
+    for key in sorted(set(old) | set(new)):
+        for path, a, b in differing_leaves(old.get(key, missing), new.get(key, missing), missing):
+            found.append((f"{key}.{path}" if path else str(key), a, b))
+    return found
 
 
 def _matches(value: Any, annotation: Any) -> bool:

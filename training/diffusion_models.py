@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..bridge.lora import LoraTarget, UNetStructure, pixart_lora_targets, unet_lora_targets
+from ..errors import X2IError
 from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch, unwrap_state_dict
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ _ATTN2_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 _CONV_IN = "input_blocks.0.0.weight"
 
 
-class DiffusionModelError(ValueError):
+class DiffusionModelError(X2IError):
     """A diffusion-model file or folder the bridge trainer cannot use; the message says why and what to do."""
 
 

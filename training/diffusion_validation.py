@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+# The noise of held-out ε-MSE is drawn from this seed (plus the batch's number).
+VALIDATION_SEED = 1234
 # (latents, noise, timesteps, batch) -> per-sample ε-MSE
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -19,9 +21,9 @@ def held_out_eps_mse(
     losses: Mapping[str, PerSampleLoss],
     *,
     timesteps: Sequence[int],
-    seed: int,
     batch_size: int,
     device: torch.device,
+    seed: int = VALIDATION_SEED,
 ) -> dict[str, torch.Tensor]:
     """Mean per-sample loss at each of ``timesteps`` (a float64 tensor per name in ``losses``)."""
     totals = {name: torch.zeros(len(timesteps), dtype=torch.float64) for name in losses}
@@ -38,3 +40,14 @@ def held_out_eps_mse(
                 totals[name][j] += loss(latents, noise, steps, batch).double().sum().cpu()
         count += latents.shape[0]
     return {name: total / count for name, total in totals.items()}
+
+
+def eps_mse_metrics(per_t: Mapping[str, torch.Tensor], timesteps: Sequence[int]) -> dict[str, float]:
+    """What a validation reports of :func:`held_out_eps_mse`'s result: ``val_eps_mse``, the first loss's mean
+    over the timesteps; ``val_eps_mse_<name>`` of each other loss; the first loss at each timestep,
+    ``val_eps_mse_t<t>``."""
+    (_, first), *others = per_t.items()
+    metrics = {"val_eps_mse": float(first.mean())}
+    metrics.update({f"val_eps_mse_{name}": float(values.mean()) for name, values in others})
+    metrics.update({f"val_eps_mse_t{t}": float(v) for t, v in zip(timesteps, first, strict=True)})
+    return metrics

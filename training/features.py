@@ -35,33 +35,30 @@ caches far larger than memory train at disk speed.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 
-from ..weights import save_safetensors_atomic, write_text_atomic
-from .gluenet_data import AudioClip, setting
-from .runtime import TrainingError, write_error_text
+from ..weights import DTYPES, save_safetensors_atomic, write_text_atomic
+from .distributed import Distributed
+from .errors import TrainingError, writing
+from .fingerprints import changed_fields, fingerprint_key
+from .shards import INDEX_FILE, ShardHandles, UnreadableShard, read_index, shard_file, shard_header
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "x2i.feature_cache/1"
-INDEX_FILE = "index.json"
 SHARD_BYTES = 256 * 2**20  # ~256 MiB of features per shard when shard_size is 0 (auto)
 LOG_EVERY_S = 15.0
 LOGGED_EXAMPLES = 5
-STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The same dtypes as safetensors headers name them (checked without reading a tensor).
 HEADER_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 SHARD_TENSORS = frozenset({"features", "valid"})
@@ -77,80 +74,6 @@ class FeatureCacheError(TrainingError):
     worker while training."""
 
 
-class Ranks(Protocol):
-    """What the cache needs of the runtime's ``Distributed``."""
-
-    rank: int
-    world_size: int
-    is_main: bool
-
-    def barrier(self) -> None: ...
-
-
-class SingleProcess:
-    """:class:`Ranks` for one process (tools and tests that run without the runtime)."""
-
-    rank, world_size, is_main = 0, 1, True
-
-    def barrier(self) -> None:
-        pass
-
-
-@dataclass
-class CacheSettings:
-    """The ``[cache]`` section."""
-
-    dir: str = setting("", "where features are cached; default: <run.output_dir>/feature_cache (share it between runs)")
-    dtype: Literal["fp32", "fp16", "bf16"] = setting("fp32", "storage dtype; fp16 halves the disk and read traffic")
-    shard_size: int = setting(0, "items per shard file; 0: about 256 MiB per shard")
-    encode_batch_size: int = setting(32, "items per encoder call while the cache is built")
-    verify: Literal["stat", "sha256"] = setting("stat", "how encoder files are recognised: size + modification time, or content hash")
-
-    def __post_init__(self) -> None:
-        if self.shard_size < 0 or self.encode_batch_size < 1:
-            raise ValueError("cache.shard_size must be >= 0 and cache.encode_batch_size >= 1")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fingerprint_path(path: str | os.PathLike[str] | None, verify: str = "stat") -> dict[str, Any] | None:
-    """What identifies a weight file or model folder: its path and, per file, size and mtime (or sha256)."""
-    if path is None:
-        return None
-    path = Path(path).resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    entries = []
-    for file in files:
-        stat = file.stat()
-        entry: dict[str, Any] = {"name": file.relative_to(path).as_posix() if file != path else file.name, "size": stat.st_size}
-        if verify == "sha256":
-            entry["sha256"] = _sha256_file(file)
-        else:
-            entry["mtime_ns"] = stat.st_mtime_ns
-        entries.append(entry)
-    return {"path": str(path), "files": entries}
-
-
-def fingerprint_key(fingerprint: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Names of the fingerprint fields that changed (for the 'rebuilding because' log line)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if old == new else [prefix or "value"]
-
-
 class FeatureCache:
     """One cache folder: its state, how to build it, how to read it."""
 
@@ -160,7 +83,7 @@ class FeatureCache:
         self.name = name
         self.num_items = int(num_items)
         self.dtype = dtype
-        self.torch_dtype = STORE_DTYPES[dtype]
+        self.torch_dtype = DTYPES[dtype]
         self.shard_size_setting = int(shard_size)
         # The item shape follows from the encoder (fingerprinted), so it is not part of the key: the
         # key must be known before any encoder is loaded, to reuse a cache without loading one.
@@ -177,14 +100,10 @@ class FeatureCache:
         return max(1, min(1 << 16, SHARD_BYTES // item_bytes))
 
     def shard_path(self, k: int) -> Path:
-        return self.folder / f"shard-{k:05d}.safetensors"
+        return shard_file(self.folder, k)
 
     def _read_index(self) -> dict[str, Any] | None:
-        try:
-            index = json.loads((self.folder / INDEX_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return index if isinstance(index, dict) else None
+        return read_index(self.folder)
 
     def shard_problem(self, k: int, count: int | None, item_shape: Sequence[int] | None) -> str | None:
         """What is wrong with shard ``k`` for this cache (``None``: usable), from its header alone.
@@ -193,19 +112,13 @@ class FeatureCache:
         where they are not known yet (counting the shards an interrupted build finished): then the shard
         only has to agree with its own metadata.
         """
-        from safetensors import safe_open
-
         path = self.shard_path(k)
         if not path.is_file():
             return "missing"
         try:
-            # safe_open refuses a header that does not cover the file exactly, so a truncated or
-            # extended shard fails here without any tensor being read.
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                header = {name: (list(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype()) for name in handle.keys()}
-        except Exception as exc:  # SafetensorError, OSError: the file cannot be used, whatever the cause
-            return f"unreadable or truncated ({type(exc).__name__}: {str(exc)[:160]})"
+            meta, header = shard_header(path)
+        except UnreadableShard as exc:
+            return str(exc)
         if meta.get("cache_key") != self.key:
             return "from another build (its fingerprint key differs from this cache's)"
         if set(header) != SHARD_TENSORS:
@@ -258,11 +171,11 @@ class FeatureCache:
         if done:
             return f"partial ({done} shard(s) done)"
         if index is not None:
-            changed = _differences(index.get("fingerprint", {}), self.fingerprint)
+            changed = changed_fields(index.get("fingerprint", {}), self.fingerprint)
             return f"stale ({', '.join(changed[:6]) or 'format'} changed)"
         return "missing"
 
-    def build(self, items: Sequence[Any], encode: EncodeFn, item_shape: Sequence[int], ranks: Ranks | None = None,
+    def build(self, items: Sequence[Any], encode: EncodeFn, item_shape: Sequence[int], ranks: Distributed | None = None,
               batch_size: int = 32, state: str | None = None) -> None:
         """Encode ``items`` into the cache unless it is complete; every rank must call this. Shards
         that already hold this cache's features (checked as :meth:`state` does) are kept; only missing
@@ -271,7 +184,7 @@ class FeatureCache:
         ``state``: :meth:`state` as this rank read it before any rank started building (after the
         caller's barrier); read here, followed by a barrier, if not given.
         """
-        ranks = ranks or SingleProcess()
+        ranks = ranks or Distributed()
         if len(items) != self.num_items:
             raise FeatureCacheError(f"{self.name}: {len(items)} items given for a cache of {self.num_items}")
         if state is None:
@@ -286,7 +199,7 @@ class FeatureCache:
         if ranks.is_main:
             logger.info("feature cache %s: %s -> building %d items in %d shard(s) at %s", self.name, state,
                         self.num_items, self.num_shards, self.folder)
-        try:
+        with self._writing("finished shards are kept"):
             if ranks.is_main:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 (self.folder / INDEX_FILE).unlink(missing_ok=True)  # never a valid-looking index over a half rebuild
@@ -304,15 +217,14 @@ class FeatureCache:
             progress.advance(sum(self._shard_len(k) for k in mine if k not in todo), resumed=True)
             for k in todo:
                 self._build_shard(k, items, encode, batch_size, progress)
-        except OSError as exc:
-            raise FeatureCacheError(
-                f"feature cache {self.name}: {write_error_text(exc)}; free disk space or set cache.dir to another folder, "
-                "then run again (finished shards are kept)"
-            ) from exc
         ranks.barrier()
         if ranks.is_main:
             self._write_index()
         ranks.barrier()
+
+    def _writing(self, kept: str):
+        return writing(f"feature cache {self.name}", f"free disk space or set cache.dir to another folder, then run again ({kept})",
+                       FeatureCacheError)
 
     def _shard_len(self, k: int) -> int:
         return min(self.shard_size, self.num_items - k * self.shard_size)
@@ -389,13 +301,8 @@ class FeatureCache:
             "num_shards": self.num_shards, "shard_size": self.shard_size, "item_shape": list(self.item_shape),
             "skipped": dict(reasons), "examples": examples[:LOGGED_EXAMPLES],
         }
-        try:
+        with self._writing("the shards are kept"):
             write_text_atomic(self.folder / INDEX_FILE, json.dumps(index, indent=1))
-        except OSError as exc:
-            raise FeatureCacheError(
-                f"feature cache {self.name}: {write_error_text(exc)}; free disk space or set cache.dir to another folder, "
-                "then run again (the shards are kept)"
-            ) from exc
         if reasons:
             logger.warning("feature cache %s: %d of %d items unusable and skipped (%s)", self.name,
                            self.num_items - num_valid, self.num_items, ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items())))
@@ -424,9 +331,7 @@ class FeatureCache:
 
 
 def _describe_item(item: Any) -> str:
-    if isinstance(item, AudioClip):
-        return str(item.path)
-    text = str(item)
+    text = str(getattr(item, "path", item))  # a sound clip by its file; texts and paths as they are
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -472,36 +377,16 @@ class ShardedFeatures:
         self.num_items = num_items
         self.shard_size = shard_size
         self.starts = [k * shard_size for k in range(num_shards)]
-        self._handles: dict[int, Any] = {}
-        self._pid = os.getpid()
+        self.handles = ShardHandles(folder, f"feature cache {self.name}: shard", FeatureCacheError)
         from safetensors import safe_open
 
         valid = []
         for k in range(num_shards):
-            with safe_open(str(self._path(k)), framework="pt") as handle:
+            with safe_open(str(shard_file(folder, k)), framework="pt") as handle:
                 valid.append(handle.get_tensor("valid").bool())
                 if k == 0:
                     self.item_shape = tuple(handle.get_slice("features").get_shape()[1:])
         self.valid = torch.cat(valid)
-
-    def _path(self, k: int) -> Path:
-        return self.folder / f"shard-{k:05d}.safetensors"
-
-    def _slice(self, k: int):
-        # Handles are per process: DataLoader workers fork, and an mmap handle must not cross that.
-        if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
-        if k not in self._handles:
-            from safetensors import safe_open
-
-            try:
-                self._handles[k] = safe_open(str(self._path(k)), framework="pt")
-            except Exception as exc:  # replaced or removed while training
-                raise FeatureCacheError(
-                    f"feature cache {self.name}: shard {self._path(k).name} can no longer be read ({type(exc).__name__}: "
-                    f"{str(exc)[:160]}); delete it and run again to encode it again"
-                ) from exc
-        return self._handles[k].get_slice("features")
 
     def __len__(self) -> int:
         return self.num_items
@@ -510,18 +395,13 @@ class ShardedFeatures:
         if not 0 <= i < self.num_items:
             raise IndexError(f"feature index {i} out of range ({self.num_items})")
         k = bisect.bisect_right(self.starts, i) - 1
-        row = self._slice(k)[i - self.starts[k]]
+        row = self.handles[k].get_slice("features")[i - self.starts[k]]
         if not torch.isfinite(row).all():
             raise FeatureCacheError(
-                f"feature cache {self.name}: shard {self._path(k).name} holds NaN or infinite values (row {i - self.starts[k]}, "
+                f"feature cache {self.name}: shard {shard_file(self.folder, k).name} holds NaN or infinite values (row {i - self.starts[k]}, "
                 f"item {i}); the file changed after it was built. Delete it and run again to encode it again"
             )
         return row
 
     def gather(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([self[int(i)] for i in indices]) if len(indices) else torch.empty(0, *self.item_shape)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..gluenet import GlueNet, GlueNetConfig
 from ..gluenet.scaling import clip_tensor_norm
-from .gluenet_data import setting
+from .settings import setting
 
 MeanFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -27,15 +27,16 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import X2IError
+from ..weights import DTYPES
 from .features import EncodeFn
-from .gluenet_data import AudioClip, setting
+from .gluenet_data import AudioClip
+from .settings import setting
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-
-class SourceEncoderError(ValueError):
+class SourceEncoderError(X2IError):
     """A source encoder that cannot be loaded for this modality."""
 
 
@@ -102,16 +103,19 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _tokens(encoder: torch.nn.Module, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Truncated and padded to the encoder's length (the official recipe's). The tokenizer is called
+    directly: HFTextEncoder.tokenize logs every long prompt, which would flood a log over millions of captions."""
+    return encoder.tokenizer(list(texts), truncation=True, max_length=encoder.max_length, padding="max_length", return_tensors="pt")
+
+
 def text_encode_fn(encoder: torch.nn.Module) -> EncodeFn:
     """Batches of strings to ``[n, max_length, hidden]``, the way the X2I text nodes encode a prompt."""
     filled = {"count": 0}
 
     @torch.inference_mode()
     def encode(texts: Sequence[str]) -> tuple[torch.Tensor, list[str | None]]:
-        # The tokenizer is called directly: HFTextEncoder.tokenize logs every long prompt, which would
-        # flood a log over millions of captions. Truncation is the same (the official recipe's).
-        tokens = encoder.tokenizer(list(texts), truncation=True, max_length=encoder.max_length, padding="max_length",
-                                   return_tensors="pt")
+        tokens = _tokens(encoder, texts)
         device = _device_of(encoder.transformer)
         mask = tokens["attention_mask"]
         filled["count"] += int((mask.sum(dim=1) == encoder.max_length).sum())
@@ -244,8 +248,7 @@ def target_encode_fn(encoder: torch.nn.Module) -> EncodeFn:
 
     @torch.inference_mode()
     def encode(texts: Sequence[str]) -> tuple[torch.Tensor, list[str | None]]:
-        tokens = encoder.tokenizer(list(texts), truncation=True, max_length=encoder.max_length, padding="max_length",
-                                   return_tensors="pt")
+        tokens = _tokens(encoder, texts)
         features = encoder(tokens["input_ids"].to(_device_of(encoder.transformer))).float()
         return features, [None] * len(texts)
 

@@ -32,20 +32,16 @@ import torch
 from torch import nn
 
 from ..gluenet import GlueNet, GlueNetConfig, GlueNetConfigError, save_gluenet
-from .config import ConfigError, as_dict, section
-from .features import CacheSettings, FeatureCache, FeatureCacheError, ShardedFeatures, fingerprint_path
-from .gluenet_data import (
-    AudioClip,
-    DataError,
-    GlueNetDataSettings,
-    GlueNetListing,
-    build_listing,
-    hash_strings,
-    setting,
-)
+from .cache_settings import CacheSettings, cache_folder
+from .config import ConfigError, as_dict
+from .distributed import Distributed
+from .errors import TrainingError
+from .features import FeatureCache, ShardedFeatures
+from .fingerprints import fingerprint_path, hash_strings
+from .gluenet_data import AudioClip, GlueNetDataSettings, GlueNetListing
+from .gluenet_listing import build_listing
 from .gluenet_objective import GlueNetLossSettings, GlueNetObjective, alignment_metrics
 from .gluenet_sources import (
-    SourceEncoderError,
     SourceSettings,
     describe_source_settings,
     load_source_encoder,
@@ -54,15 +50,9 @@ from .gluenet_sources import (
     source_item_shape,
     target_encode_fn,
 )
-from .runtime import Distributed, TrainingError, TrainingTask
-from .targets import (
-    TargetError,
-    TargetSettings,
-    check_target_width,
-    default_tokenizer_folder,
-    load_target_encoder,
-    peek_target_width,
-)
+from .settings import setting
+from .targets import TargetSettings, check_target_width, load_target_encoder, peek_target_width, tokenizer_folder
+from .task import TrainingTask
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +186,8 @@ class GlueNetTask(TrainingTask):
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any]) -> GlueNetTask:
-        parts = {name: section(raw, name, settings_cls) for name, settings_cls in cls.SECTIONS.items()}
         run = raw.get("run", {})
-        return cls(**parts, output_dir=str(run.get("output_dir", "")), seed=int(run.get("seed", 0)))
+        return cls(**cls.read_sections(raw), output_dir=str(run.get("output_dir", "")), seed=int(run.get("seed", 0)))
 
     # -- resolved settings ---------------------------------------------------------------------------
 
@@ -257,22 +246,6 @@ class GlueNetTask(TrainingTask):
 
     # -- data and caches ------------------------------------------------------------------------------
 
-    def _cache_root(self) -> Path:
-        if self.cache.dir:
-            return Path(self.cache.dir).expanduser()
-        if not self.output_dir:
-            raise ConfigError("set cache.dir or run.output_dir: the feature cache needs a folder")
-        return Path(self.output_dir) / "feature_cache"
-
-    def _tokenizer_folder(self) -> str | None:
-        if self.target.tokenizer:
-            return str(Path(self.target.tokenizer).expanduser())
-        clip = Path(self.target.clip).expanduser()
-        if clip.is_dir():
-            return None  # the folder's own tokenizer, fingerprinted with the folder
-        folder = default_tokenizer_folder()
-        return str(folder) if folder else None
-
     def _caches(self, listing: GlueNetListing) -> dict[str, FeatureCache]:
         verify = self.cache.verify
         source_fp = {
@@ -282,23 +255,17 @@ class GlueNetTask(TrainingTask):
         }
         target_fp = {
             "role": "target", "clip": fingerprint_path(Path(self.target.clip).expanduser(), verify),
-            "tokenizer": fingerprint_path(self._tokenizer_folder(), verify), "clip_dtype": self.target.dtype,
+            "tokenizer": fingerprint_path(tokenizer_folder(self.target), verify), "clip_dtype": self.target.dtype,
             "settings": "77 tokens, padded with the end token, no attention mask, last_hidden_state",
             "data": hash_strings(listing.target_texts),
         }
-        root = self._cache_root()
+        root = cache_folder(self.cache.dir, self.output_dir, "feature_cache", "the feature cache needs a folder")
         return {
             "source": FeatureCache(root, f"source-{self.modality}", source_fp, len(listing.sources), self.cache.dtype, self.cache.shard_size),
             "target": FeatureCache(root, "target-clip", target_fp, len(listing.target_texts), self.cache.dtype, self.cache.shard_size),
         }
 
     def prepare(self, dist: Distributed, log: logging.Logger, *, dry_run: bool = False) -> None:
-        try:
-            self._prepare(dist, log, dry_run)
-        except (DataError, TargetError, SourceEncoderError, FeatureCacheError) as exc:
-            raise TrainingError(str(exc)) from exc
-
-    def _prepare(self, dist: Distributed, log: logging.Logger, dry_run: bool) -> None:
         if not self.source.encoder:
             raise ConfigError("set source.encoder: the frozen encoder the GlueNet translates from")
         if not self.target.clip:
@@ -355,13 +322,7 @@ class GlueNetTask(TrainingTask):
         return self.seed
 
     def _load(self, loader, dist: Distributed) -> nn.Module:
-        try:
-            module = loader()
-        except (SourceEncoderError, TargetError):
-            raise
-        except ValueError as exc:  # the encoders' own file errors (TextEncoderFolderError, AudioCLIPFileError, ...)
-            raise TrainingError(str(exc)) from exc
-        return module.to(dist.device)
+        return loader().to(dist.device)
 
     def _count_unreadable_audio(self, listing: GlueNetListing) -> None:
         """Dry run: read every sound file's header (cheap), so broken files are counted before training."""

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch, unwrap_state_dict
-from .gluenet_data import setting
+from ..errors import X2IError
+from ..weights import DTYPES, describe_keys, read_torch_checkpoint, state_dict_mismatch, unwrap_state_dict
+from .settings import setting
 
 if TYPE_CHECKING:
     from ..encoders.text import HFTextEncoder
@@ -39,10 +40,9 @@ SD1_CLIP_PREFIX = "cond_stage_model.transformer."
 TARGET_TOKENS = 77
 # ComfyUI's copy of openai/clip-vit-large-patch14's tokenizer, relative to the ComfyUI folder.
 COMFY_SD1_TOKENIZER = Path("comfy") / "sd1_tokenizer"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class TargetError(ValueError):
+class TargetError(X2IError):
     """A target encoder that cannot produce SD1.x conditioning for this GlueNet."""
 
 
@@ -60,6 +60,17 @@ def default_tokenizer_folder(pack_root: Path | None = None) -> Path | None:
     root = pack_root or Path(__file__).resolve().parents[1]
     candidate = root.parent.parent / COMFY_SD1_TOKENIZER
     return candidate if (candidate / "vocab.json").is_file() else None
+
+
+def tokenizer_folder(settings: TargetSettings) -> str | None:
+    """The tokenizer folder a target's features depend on, for cache fingerprints: ``target.tokenizer``,
+    ``None`` for a CLIP folder (its own tokenizer, fingerprinted with it), else ComfyUI's default one."""
+    if settings.tokenizer:
+        return str(Path(settings.tokenizer).expanduser())
+    if Path(settings.clip).expanduser().is_dir():
+        return None
+    folder = default_tokenizer_folder()
+    return str(folder) if folder else None
 
 
 def _load_tokenizer(folder: str, pack_root: Path | None = None):

@@ -1,13 +1,13 @@
 """Image–caption data for the U-ViT trainer: one sample per image, its captions drawn per epoch.
 
-The listings are the bridge trainer's (:func:`.bridge_data.scan_pairs`: ``image_path<TAB>caption``
+The listings are the bridge trainer's (:func:`.image_data.scan_pairs`: ``image_path<TAB>caption``
 files or folders of images with ``.txt`` sidecars); lines naming the same image are its several
 captions, as MS-COCO's five per image. U-ViT's MS-COCO recipe trains on images and draws one of the
 image's captions at every access; here the draw is a function of (seed, epoch, image), so a resumed
 run sees the captions an uninterrupted one sees.
 
 Both encoders run once: the SD VAE's posterior (mean and std, unflipped and flipped) goes to the bridge
-trainer's latent cache (:class:`.bridge_data.LatentCache`) and CLIP's ``last_hidden_state`` of every
+trainer's latent cache (:class:`.latent_cache.LatentCache`) and CLIP's ``last_hidden_state`` of every
 distinct caption, plus the empty caption (classifier-free guidance), to a feature cache
 (:class:`.features.FeatureCache`). Training reads memory-mapped slices of both.
 """
@@ -18,12 +18,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .bridge_data import ImageCaption, open_latent_shard, read_latent_row
 from .features import ShardedFeatures
+from .image_data import ImageCaption
+from .latent_cache import LatentRows
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class LatentTextDataset(torch.utils.data.Dataset):
     ``places``: the image's (shard, row) in the latent cache; ``caption_ids``: its captions' rows in the
     text cache. Training draws one caption per image per epoch (:meth:`set_epoch`); ``fixed_caption``
     (validation) always shows the first. Every row read is checked for NaN and infinities (a
-    :class:`.bridge_data.BridgeDataError` or :class:`.features.FeatureCacheError` names the shard).
+    :class:`.image_data.BridgeDataError` or :class:`.features.FeatureCacheError` names the shard).
     """
 
     def __init__(
@@ -95,15 +95,13 @@ class LatentTextDataset(torch.utils.data.Dataset):
     ) -> None:
         if len(places) != len(caption_ids):
             raise ValueError(f"{len(places)} latents but {len(caption_ids)} caption lists")
-        self.latent_folder = Path(latent_folder)
+        self.rows = LatentRows(latent_folder)
         self.places = list(places)
         self.caption_ids = [list(ids) for ids in caption_ids]
         self.counts = torch.tensor([len(ids) for ids in self.caption_ids], dtype=torch.long)
         self.text = text
         self.seed = seed
         self.fixed_caption = fixed_caption
-        self._handles: dict[int, Any] = {}
-        self._pid = os.getpid()
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -113,23 +111,9 @@ class LatentTextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.places)
 
-    def __getstate__(self) -> dict[str, Any]:  # open handles stay in the process that opened them
-        return {**self.__dict__, "_handles": {}}
-
-    def _path(self, shard: int) -> Path:
-        return self.latent_folder / f"shard-{shard:05d}.safetensors"
-
-    def _handle(self, shard: int):
-        if self._pid != os.getpid():  # a forked loader worker opens its own
-            self._handles, self._pid = {}, os.getpid()
-        if shard not in self._handles:
-            self._handles[shard] = open_latent_shard(self._path(shard))
-        return self._handles[shard]
-
     def caption_id(self, index: int) -> int:
         return self.caption_ids[index][int(self.choices[index])]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        shard, row = self.places[index]
-        mean, std = read_latent_row(self._handle(shard), self._path(shard), row)
+        mean, std = self.rows.read(*self.places[index])
         return {"latent_mean": mean, "latent_std": std, "context": self.text[self.caption_id(index)]}

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import X2IError
 from ..weights import (
     describe_keys,
     read_torch_checkpoint,
@@ -73,7 +74,7 @@ _EXPECTED = (
 )
 
 
-class UViTFileError(ValueError):
+class UViTFileError(X2IError):
     """A file or state dict that cannot be used as a U-ViT; the message names the problem and the fix."""
 
 
@@ -230,7 +231,7 @@ def to_pack_layout(state_dict: Mapping[str, torch.Tensor], layout: str, config: 
     if layout in (LAYOUT_FORK, LAYOUT_PACK):
         return dict(state_dict)
     if layout != LAYOUT_UVIT:
-        raise ValueError(f"unknown U-ViT layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+        raise X2IError(f"unknown U-ViT layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.startswith("in_blocks."):
@@ -249,7 +250,7 @@ def from_pack_layout(state_dict: Mapping[str, torch.Tensor], config: UViTConfig,
     if layout in (LAYOUT_FORK, LAYOUT_PACK):
         return dict(state_dict)
     if layout != LAYOUT_UVIT:
-        raise ValueError(f"unknown U-ViT layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+        raise X2IError(f"unknown U-ViT layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if config.conditioning != "concat" or config.fusion != "early":
         raise UViTFileError(f"U-ViT's uvit_t2i layout holds concat-early models only, not {config.name}")
     out: dict[str, torch.Tensor] = {}

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from ..errors import X2IError
 from ..weights import config_from_json
 
 Fusion = Literal["early", "intermediate"]
@@ -27,7 +28,7 @@ LIMITS = {
 }
 
 
-class UViTConfigError(ValueError):
+class UViTConfigError(X2IError):
     """A U-ViT configuration that cannot describe a working network."""
 
 

@@ -12,6 +12,7 @@ that counts 0..999 (ComfyUI's ``model_sampling.timestep``) passes ``t + 1``.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -19,11 +20,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import X2IError
 from .config import UViTConfig
 
+logger = logging.getLogger(__name__)
 
-class UViTInputError(ValueError):
+CLIP_HINT = "CLIP ViT-L/14 features: Load CLIP with clip_l and type stable_diffusion, then CLIP Text Encode"
+
+
+class UViTInputError(X2IError):
     """Inputs that do not fit the network; the message names what was given and what was expected."""
+
+
+def fit_text_context(context: torch.Tensor, config: UViTConfig) -> torch.Tensor:
+    """A text conditioning ``[B, T, C]`` as this U-ViT takes it: exactly ``text_tokens`` tokens of ``context_dim``.
+
+    ComfyUI encodes a long prompt as several 77-token CLIP chunks (154, 231, ... tokens). U-ViT has
+    position embeddings for one chunk and was trained on captions CLIP truncated to 77 tokens, so
+    the first chunk is used (with a warning) — the same text the training recipe would have seen.
+    A narrower or wider conditioning is another text encoder's and is refused.
+    """
+    if context.ndim != 3:
+        raise UViTInputError(f"U-ViT conditioning must be [batch, tokens, width], got shape {tuple(context.shape)}")
+    tokens, width = context.shape[1], context.shape[2]
+    if width != config.context_dim:
+        hint = CLIP_HINT if config.context_dim == 768 else "the text encoder this U-ViT was trained with"
+        raise UViTInputError(
+            f"the conditioning is {width} wide but this U-ViT takes {config.context_dim}-wide text ({hint}); "
+            "an SDXL, SD2 or T5 text encoder gives other widths"
+        )
+    if tokens < config.text_tokens:
+        raise UViTInputError(
+            f"the conditioning has {tokens} tokens but this U-ViT takes exactly {config.text_tokens} "
+            f"({CLIP_HINT} gives {config.text_tokens})"
+        )
+    if tokens > config.text_tokens:
+        logger.warning(
+            "U-ViT: the prompt is %d tokens long (%s CLIP chunks); this U-ViT reads one chunk of %d tokens, as in "
+            "its training, so only the first %d are used",
+            tokens, f"{tokens / config.text_tokens:g}", config.text_tokens, config.text_tokens,
+        )
+        context = context[:, : config.text_tokens]
+    return context
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -83,7 +83,9 @@ def test_official_config_fields_are_what_the_loader_reads():
 def test_released_layouts_match_the_official_class(name):
     config = RELEASED_ADAPTERS[name]
     assert [config.in_dim, config.int_dim, config.out_dim] == LAYOUTS["args"][name]
-    assert config.name == name
+    assert config.name == config.released_pair == name
+    other_width = TextAdapterConfig(config.in_dim, 64, config.out_dim)
+    assert (other_width.name, other_width.released_pair) == (None, name)  # a trained adapter's own int_dim
     with torch.device("meta"):
         model = TextAdapter(config)
     assert _shapes(model) == LAYOUTS["layouts"][name]

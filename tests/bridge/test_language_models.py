@@ -21,6 +21,9 @@ from x2i.bridge.language_models import (
     attended_tokens,
     encode_for_bridge,
     encode_prompt_for_bridge,
+    family_of_hf_config,
+    family_of_hf_folder,
+    family_of_recipe,
     load_language_model,
     text_config,
     tokenize_for_bridge,
@@ -248,6 +251,21 @@ def test_wrong_model_family_is_refused(tiny_t5, tiny_llama):
         load_language_model(tiny_t5, "llama2_unet")
     with pytest.raises(LaViBridgeFileError, match="needs t5-large"):
         load_language_model(tiny_llama, "t5_unet", dtype=torch.float32)
+
+
+def test_one_family_from_a_recipe_a_config_or_a_folder(tiny_t5, tiny_llama, tmp_path):
+    assert [family_of_recipe(r) for r in LaViBridgeRecipe] == ["t5", "llama", "t5"]
+    assert (family_of_hf_folder(tiny_t5), family_of_hf_folder(tiny_llama)) == ("t5", "llama")
+    for model_type, is_encoder_decoder in (("t5", True), ("mt5", False), ("umt5", True)):
+        assert family_of_hf_config({"model_type": model_type, "is_encoder_decoder": is_encoder_decoder}, "x") == "t5"
+    assert family_of_hf_config({"model_type": "mistral"}, "x") == "llama"
+    with pytest.raises(LaViBridgeFileError, match="bart-base is a bart encoder-decoder; LaVi-Bridge bridges T5 encoders"):
+        family_of_hf_config({"model_type": "bart", "is_encoder_decoder": True}, "bart-base")
+    with pytest.raises(LaViBridgeFileError, match="has no config.json: give a Hugging Face model folder"):
+        family_of_hf_folder(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(LaViBridgeFileError, match="config.json is not readable JSON"):
+        family_of_hf_folder(tmp_path)
 
 
 def test_truncation_is_logged(tiny_t5, caplog):

@@ -14,7 +14,7 @@ from torch import nn
 
 import support  # noqa: F401  (imports this repository as the package x2i)
 from x2i.training import Distributed, TrainingTask
-from x2i.training.config import as_dict, section
+from x2i.training.config import as_dict
 from x2i.weights import save_safetensors_atomic
 
 
@@ -82,7 +82,7 @@ class ToyTask(TrainingTask):
 
     @classmethod
     def from_config(cls, raw: dict) -> ToyTask:
-        return cls(section(raw, "toy", ToySettings))
+        return cls(cls.read_sections(raw)["toy"])
 
     def config(self) -> dict:
         values = as_dict(self.settings)

@@ -235,6 +235,19 @@ def run_cli_on_a_full_disk(kind: str, config: Path, limit: int, timeout: float =
     )
 
 
+def cli_error_line(argv: list[str], capsys) -> str:
+    """Run ``train`` in this process with ``argv``; it must refuse with exit status 2 and print exactly one
+    ``error:`` line (no traceback). Returns that line."""
+    from x2i.training.cli import main
+
+    capsys.readouterr()
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2, err[-4000:]
+    (line,) = error_lines(err)
+    return line
+
+
 def error_lines(stderr: str) -> list[str]:
     """The lines the command line printed as its own errors; a traceback would be a crash, not an error line."""
     assert "Traceback" not in stderr, stderr[-4000:]

@@ -105,7 +105,7 @@ def test_t5_bridge_learns_and_both_outputs_load(tmp_path, tiny_t5, sd_folder, sq
 def test_cached_latents_train_the_same_objective(tmp_path, tiny_t5, sd_folder, squares_tsv, caplog):
     losses = []
     for cache in ("", str(tmp_path / "cache")):
-        task = BridgeTask.from_config(bridge_config(squares_tsv, sd_folder, tiny_t5, data={"latent_cache": cache, "cache_batch_size": 5}))
+        task = BridgeTask.from_config(bridge_config(squares_tsv, sd_folder, tiny_t5, cache={"dir": cache, "encode_batch_size": 5}))
         with caplog.at_level(logging.INFO):
             task.prepare(Distributed(), logging.getLogger("test"))
         torch.manual_seed(0)
@@ -122,7 +122,7 @@ def test_cached_latents_train_the_same_objective(tmp_path, tiny_t5, sd_folder, s
 
 
 def test_resumed_run_ends_with_the_same_bridge(tmp_path, tiny_t5, sd_folder, squares_tsv):
-    raw = bridge_config(squares_tsv, sd_folder, tiny_t5, data={"latent_cache": str(tmp_path / "cache")})
+    raw = bridge_config(squares_tsv, sd_folder, tiny_t5, cache={"dir": str(tmp_path / "cache")})
     _, straight = run(raw, tmp_path / "straight", max_steps=6, validate_every=3)
     _, first = run(raw, tmp_path / "resumed", max_steps=3, validate_every=3)
     assert first.step == 3
@@ -171,12 +171,23 @@ def test_pixart_bridge_trains_with_the_mask_recipe_and_official_lr(tmp_path, tin
     assert all(not up.any() for up, _ in zero.values())
 
 
+def test_the_cache_keys_keep_working_under_their_names_in_data(tmp_path, caplog):
+    raw = bridge_config(tmp_path / "pairs.tsv", tmp_path / "sd", tmp_path / "t5",
+                        data={"latent_cache": str(tmp_path / "cache"), "cache_batch_size": 5, "cache_shard_size": 7})
+    with caplog.at_level(logging.WARNING, logger="x2i.training"):
+        task = BridgeTask.from_config(raw)
+    assert (task.cache.dir, task.cache.encode_batch_size, task.cache.shard_size) == (str(tmp_path / "cache"), 5, 7)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "data.latent_cache is an old name", "data.cache_batch_size is an old name", "data.cache_shard_size is an old name"]
+    assert "the setting is now cache.dir" in caplog.records[0].getMessage()
+
+
 def test_dry_run_counts_without_loading_models(tmp_path, tiny_t5, sd_folder, squares_tsv, capsys):
     from x2i.training.cli import main
 
     config = tmp_path / "bridge.toml"
     config.write_text(
-        f'[data]\nsource = "{squares_tsv}"\nlatent_cache = "{tmp_path / "cache"}"\n'
+        f'[data]\nsource = "{squares_tsv}"\n[cache]\ndir = "{tmp_path / "cache"}"\n'
         f'[model]\ndiffusion_model = "{sd_folder}"\nlanguage_model = "{tiny_t5}"\n[run]\noutput_dir = "{tmp_path / "out"}"\n'
     )
     assert main(["bridge", "--config", str(config), "--dry-run"]) == 0
@@ -204,9 +215,10 @@ def test_two_gloo_processes_share_the_latent_cache_and_train(tmp_path, tiny_t5, 
     import sys
 
     from support import REPO_ROOT
-    from x2i.training.bridge_data import encode_both_flips, image_transform, load_image, scan_pairs
+    from x2i.training.image_data import image_transform, load_image, scan_pairs
+    from x2i.training.latent_cache import encode_both_flips
 
-    raw = bridge_config(squares_tsv, sd_folder, tiny_t5, data={"latent_cache": str(tmp_path / "cache"), "cache_shard_size": 16})
+    raw = bridge_config(squares_tsv, sd_folder, tiny_t5, cache={"dir": str(tmp_path / "cache"), "shard_size": 16})
     raw["run"] = {"output_dir": str(tmp_path / "two"), "batch_size": 8, "max_steps": 3, "seed": 3, "device": "cpu", "backend": "gloo"}
     config = tmp_path / "two.json"
     config.write_text(json.dumps(raw))
@@ -229,15 +241,29 @@ def test_two_gloo_processes_share_the_latent_cache_and_train(tmp_path, tiny_t5, 
     assert bridge.recipe.value == "t5_unet" and (tmp_path / "two" / "squares" / "lora_vis.pt").is_file()
 
 
+def test_bad_data_is_one_error_line_and_exit_2(tmp_path, tiny_t5, sd_folder, capsys):
+    from support.training import cli_error_line, write_config
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("missing/0.png\ta red square\nmissing/1.png\ta blue square\n", encoding="utf-8")
+    raw = bridge_config(pairs, sd_folder, tiny_t5, cache={"dir": str(tmp_path / "cache")})
+    raw["run"] = {"output_dir": str(tmp_path / "out"), "device": "cpu"}
+
+    line = cli_error_line(["bridge", "--config", str(write_config(tmp_path / "bad.json", raw))], capsys)
+
+    assert line == f"error: {pairs} holds no usable image-caption pairs (2 missing image); it should hold lines 'image_path<TAB>caption'"
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_a_full_disk_while_the_latent_cache_is_built_is_one_error_line_and_exit_2(tmp_path, tiny_t5, sd_folder, squares_tsv):
     from support.training import error_lines, run_cli_on_a_full_disk, write_config
 
-    raw = bridge_config(squares_tsv, sd_folder, tiny_t5, data={"latent_cache": str(tmp_path / "cache")})
+    raw = bridge_config(squares_tsv, sd_folder, tiny_t5, cache={"dir": str(tmp_path / "cache")})
     raw["run"] = {"output_dir": str(tmp_path / "out"), "batch_size": 8, "max_steps": 2, "device": "cpu", "precision": "fp32"}
     # 40 images' latents (80 KB) in one shard: past the limit.
     done = run_cli_on_a_full_disk("bridge", write_config(tmp_path / "full.json", raw), limit=32 * 1024)
     (line,) = error_lines(done.stderr)
     assert done.returncode == 2, done.stderr[-3000:]
     assert line.startswith(f"error: latent cache: cannot write {tmp_path / 'cache' / 'shard-00000.safetensors'} (")
-    assert "free disk space or set data.latent_cache" in line
+    assert "free disk space or set cache.dir" in line
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".tmp")]

@@ -12,20 +12,10 @@ import torch
 from PIL import Image
 
 import support.bridge_training as bt
-from x2i.training.bridge_data import (
-    CACHE_INDEX,
-    BridgeDataError,
-    CachedLatentDataset,
-    CaptionTokenizer,
-    ImageCaptionDataset,
-    LatentCache,
-    cache_key,
-    encode_both_flips,
-    image_transform,
-    load_image,
-    scan_pairs,
-    split_validation,
-)
+from x2i.training.bridge_data import CachedLatentDataset, CaptionTokenizer, ImageCaptionDataset
+from x2i.training.image_data import BridgeDataError, image_transform, load_image, scan_pairs, split_validation
+from x2i.training.latent_cache import LatentCache, cache_key, encode_both_flips
+from x2i.training.shards import INDEX_FILE
 
 # Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +45,7 @@ def test_tsv_pairs_relative_and_absolute_paths_with_bad_lines_skipped_and_counte
         b"",
     ])
     tsv.write_bytes(lines)
-    with caplog.at_level(logging.WARNING, logger="x2i.training.bridge_data"):
+    with caplog.at_level(logging.WARNING, logger="x2i.training.image_data"):
         items, report = scan_pairs(tsv)
     assert [i.image.name for i in items] == ["0_0.png", "0_1.png", "0_2.png", "0_3.png", "abs.png"]
     assert items[0].caption == "a red square on the left" and items[0].image.is_absolute()
@@ -199,7 +189,7 @@ def test_latent_cache_is_reused_only_when_identical_and_resumes_shard_by_shard(t
     changed.write_index()
     # An interrupted build: only the missing shard is encoded again.
     changed.shard_path(1).unlink()
-    (changed.folder / CACHE_INDEX).unlink()
+    (changed.folder / INDEX_FILE).unlink()
     assert changed.state().state == "partial" and changed.missing_shards() == [1]
     assert changed.build_shards(vae, transform, cpu) == 1 and changed.shard_path(0).stat().st_mtime_ns != stamp
 

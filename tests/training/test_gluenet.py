@@ -30,10 +30,11 @@ from support.training import (
 )
 from x2i.gluenet import GlueNetConfig, load_gluenet
 from x2i.training import ConfigError, Distributed, RunSettings, TrainingError, section, train
+from x2i.training.checkpoints import checkpoint_files, read_checkpoint
 from x2i.training.cli import main as cli_main
 from x2i.training.gluenet_objective import GlueNetLossSettings, GlueNetObjective, alignment_metrics, token_weights
 from x2i.training.gluenet_task import GlueNetTask
-from x2i.training.runtime import checkpoint_files, read_checkpoint
+from x2i.training.targets import TargetError
 
 # Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -328,9 +329,22 @@ def test_dry_run_prints_counts_without_encoding(text_setup: Path, capsys):
 
 def test_a_target_of_the_wrong_width_is_refused_before_anything_runs(text_setup: Path):
     raw = text_config(text_setup, "wide", **{"model.out_dim": 768, "cache.dir": str(text_setup / "wide-cache")})
-    with pytest.raises(TrainingError, match="gives 32-wide features but the GlueNet is configured to output 768"):
+    with pytest.raises(TargetError, match="gives 32-wide features but the GlueNet is configured to output 768"):
         run_in_process(raw)
     assert not (text_setup / "wide-cache").exists()
+
+
+def test_bad_data_is_one_error_line_and_exit_2(text_setup: Path, tmp_path: Path, capsys):
+    from support.training import cli_error_line
+
+    short = tmp_path / "captions.en"
+    short.write_text("one line only\n", encoding="utf-8")
+    raw = text_config(text_setup, "bad-data", **{"data.target_file": str(short), "cache.dir": str(tmp_path / "cache")})
+
+    line = cli_error_line(["gluenet", "--config", str(write_config(tmp_path / "bad.json", raw))], capsys)
+
+    assert line.startswith("error: parallel files are not line-aligned: ") and f"{short} has 1." in line, line
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_full_disk_while_the_cache_is_built_is_one_error_line_and_exit_2(text_setup: Path):
@@ -352,7 +366,6 @@ def test_a_nan_row_met_while_training_stops_the_run_naming_its_shard(text_setup:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from x2i.training import TrainingError
     from x2i.training.cli import error_line
 
     cache = text_setup / "nan-cache"

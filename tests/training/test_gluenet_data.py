@@ -22,15 +22,10 @@ from support.training import (
     write_sound_folders,
     write_urbansound8k,
 )
-from x2i.training.features import FeatureCache, FeatureCacheError, fingerprint_path
-from x2i.training.gluenet_data import (
-    OFFICIAL_US8K_LABEL_PROMPTS,
-    DataError,
-    GlueNetDataSettings,
-    build_listing,
-    class_prompts,
-    read_parallel_files,
-)
+from x2i.training.features import FeatureCache, FeatureCacheError
+from x2i.training.fingerprints import fingerprint_path
+from x2i.training.gluenet_data import OFFICIAL_US8K_LABEL_PROMPTS, DataError, GlueNetDataSettings
+from x2i.training.gluenet_listing import build_listing, class_prompts, read_parallel_files
 from x2i.training.gluenet_sources import audio_encode_fn, read_audio_file, target_encode_fn
 from x2i.training.targets import (
     TargetError,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from support.toy_task import ToySettings, ToyTask
 from x2i.training import ConfigError, Distributed, RunSettings, TrainingError, load_config, section, train
-from x2i.training.runtime import checkpoint_files, read_checkpoint
+from x2i.training.checkpoints import checkpoint_files, read_checkpoint
 
 HERE = Path(__file__).resolve().parent
 
@@ -175,3 +175,33 @@ def test_an_artefact_that_cannot_be_written_is_the_runs_own_error_naming_it(tmp_
     assert not [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # no temp file left behind
     if artefact != "metrics.jsonl":  # the first log line comes before the first checkpoint
         read_checkpoint(checkpoint_files(tmp_path)[-1])  # written before the failure, intact
+
+
+class _RenamedToyTask(ToyTask):
+    """The toy task after a release renamed its key ``toy.rate`` to ``toy.lr``."""
+
+    RENAMED = {"toy.rate": "toy.lr"}
+
+
+class _BeforeTheRename(ToyTask):
+    """The toy task as a release before the rename saved its config in checkpoints."""
+
+    def config(self) -> dict:
+        values = super().config()
+        values["toy"]["rate"] = values["toy"].pop("lr")
+        return values
+
+
+def test_a_renamed_key_keeps_working_under_its_old_name_and_old_checkpoints_resume(tmp_path: Path, caplog):
+    with caplog.at_level("WARNING", logger="x2i.training"):
+        task = _RenamedToyTask.from_config({"toy": {"rate": 0.05}})
+    assert task.settings.lr == 0.05
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["toy.rate is an old name: the setting is now toy.lr; rename it in your config"]
+    with pytest.raises(ConfigError, match="toy.rate is the old name of toy.lr and both are set; keep only toy.lr"):
+        _RenamedToyTask.from_config({"toy": {"rate": 0.05, "lr": 0.1}})
+
+    stopped = train(_BeforeTheRename(ToySettings(signal_at=5)), run_settings(tmp_path))
+    assert stopped.interrupted
+    assert train(_RenamedToyTask(ToySettings()), run_settings(tmp_path)).step == 48  # the old checkpoint's config matches
+

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 import support.bridge_training as bt
-from support.training import make_clip_text_folder, write_config
+from support.training import cli_error_line, make_clip_text_folder, write_config
 from x2i.training import ConfigError, Distributed, RunSettings, train
 from x2i.training.uvit_task import (
     UViTOptimSettings,
@@ -81,7 +81,8 @@ def write_shapes(folder: Path, count: int, seed: int = 0) -> Path:
 
 def uvit_raw(world: SimpleNamespace, cache: Path, **sections) -> dict:
     raw = {
-        "data": {"source": str(world.tsv), "resolution": 32, "validation_count": 16, "cache_dir": str(cache), "cache_batch_size": 16},
+        "data": {"source": str(world.tsv), "resolution": 32, "validation_count": 16},
+        "cache": {"dir": str(cache), "encode_batch_size": 16},
         "model": {**TINY_MODEL, "vae": str(world.vae)},
         "text": {"clip": str(world.clip)},
         "optim": {"lr": 3e-3, "warmup_steps": 20, "ema_decay": 0.95},
@@ -112,7 +113,7 @@ def caches(world) -> Path:
     A random VAE's GroupNorms wash the colours out of its latents, so nothing could learn colours from
     them; pooled RGB (x4, about the spread of SD latents) stands in for a trained VAE's latents, written
     into the same shards with the same keys, so training reads them exactly as it reads real ones."""
-    from x2i.training.bridge_data import image_transform, load_image, scan_pairs
+    from x2i.training.image_data import image_transform, load_image, scan_pairs
 
     cache = world.root / "cache"
     task = UViTTask.from_config(uvit_raw(world, cache))
@@ -235,6 +236,19 @@ def ddim_cfg(network: UViT, contexts: torch.Tensor, empty: torch.Tensor, scale: 
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
     return x
+
+
+def test_the_cache_keys_keep_working_under_their_names_in_data(tmp_path, caplog):
+    raw = {
+        "data": {"source": str(tmp_path / "pairs.tsv"), "cache_dir": str(tmp_path / "cache"), "cache_batch_size": 4,
+                 "cache_shard_size": 8, "text_cache_dtype": "fp32"},
+        "model": {**TINY_MODEL, "vae": str(tmp_path / "vae")},
+    }
+    with caplog.at_level(logging.WARNING, logger="x2i.training"):
+        task = UViTTask.from_config(raw)
+    cache = task.cache
+    assert (cache.dir, cache.encode_batch_size, cache.shard_size, cache.dtype) == (str(tmp_path / "cache"), 4, 8, "fp32")
+    assert len(caplog.records) == 4 and "data.cache_dir is an old name: the setting is now cache.dir" in caplog.text
 
 
 def test_a_tiny_uvit_learns_shapes_and_follows_its_caption_under_cfg(tmp_path, world, caches):
@@ -368,6 +382,18 @@ def test_dry_run_counts_without_encoding_and_bad_settings_exit_2(tmp_path, world
     printed = json.loads(capsys.readouterr().out)
     assert printed["run"]["seed"] == 1234 and printed["run"]["batch_size"] == 256 and printed["optim"]["warmup_steps"] == 20
     assert (printed["model"]["resolved"]["n_image"], printed["model"]["resolved"]["n_text"]) == (1, 0)
+
+
+def test_bad_data_is_one_error_line_and_exit_2(tmp_path, world, capsys):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("missing/0.png\ta red square\nmissing/1.png\ta blue circle\n", encoding="utf-8")
+    raw = {**uvit_raw(world, tmp_path / "cache"), "run": {"output_dir": str(tmp_path / "out"), "device": "cpu"}}
+    raw["data"]["source"] = str(pairs)
+
+    line = cli_error_line(["uvit", "--config", str(write_config(tmp_path / "bad.json", raw))], capsys)
+
+    assert line == f"error: {pairs} holds no usable image-caption pairs (2 missing image); it should hold lines 'image_path<TAB>caption'"
+    assert not (tmp_path / "cache").exists()
 
 
 def test_two_gloo_processes_train_from_the_shared_caches(tmp_path, world, caches):

@@ -15,6 +15,7 @@ from torch import nn
 from support import DATA_DIR, REPO_ROOT
 from x2i.uvit import PAPER_SETTINGS, UViT, UViTConfig, UViTConfigError, UViTInputError, timestep_embedding
 from x2i.uvit.flops import uvit_cost
+from x2i.uvit.model import fit_text_context
 
 # Paper Table 1 (U-ViT-Small, 32×32×4 latents, batch 1) and the design note's ablations.
 PAPER_PARAMS = {
@@ -216,6 +217,20 @@ def test_wrong_context_width_is_named():
     full = UViT(PAPER_SETTINGS["cross-intermediate"], device="meta")
     with pytest.raises(UViTInputError, match="1024 wide but this U-ViT expects 768 \\(CLIP ViT-L/14"):
         full(torch.zeros(1, 4, 32, 32, device="meta"), torch.zeros(1, device="meta"), torch.zeros(1, 77, 1024, device="meta"))
+
+
+def test_a_long_conditioning_is_cut_to_one_chunk_and_another_width_refused(caplog):
+    config = PAPER_SETTINGS["cross-intermediate"]
+    two_chunks = torch.randn(1, 154, 768)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(fit_text_context(two_chunks, config), two_chunks[:, :77])
+    assert "the prompt is 154 tokens long (2 CLIP chunks)" in caplog.text and "only the first 77 are used" in caplog.text
+    one_chunk = torch.randn(2, 77, 768)
+    assert fit_text_context(one_chunk, config) is one_chunk
+    with pytest.raises(UViTInputError, match="is 1024 wide but this U-ViT takes 768-wide text \\(CLIP ViT-L/14 features: Load CLIP"):
+        fit_text_context(torch.zeros(1, 77, 1024), config)
+    with pytest.raises(UViTInputError, match="has 50 tokens but this U-ViT takes exactly 77"):
+        fit_text_context(torch.zeros(1, 50, 768), config)
 
 
 @pytest.mark.parametrize(
