@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
+import logging
+from pathlib import Path
+
+import folder_paths
+from comfy_api.v0_0_2 import ComfyExtension, io
 from typing_extensions import override
 
+from ..weights import copy_missing_files
 from .audio import AUDIO_ENCODER_FOLDER, X2IAudioEncoderLoader, X2IGlueGenAudioEncode
 from .block_conditioning import X2IBlockConditioning
 from .common import GLUENET_EXTENSIONS, GLUENET_FOLDER, TEXT_ENCODER_FOLDERS, register_model_folder
@@ -28,8 +33,19 @@ register_model_folder(AUDIO_ENCODER_FOLDER, (".pt", ".pth", ".ckpt"))
 for _folder in TEXT_ENCODER_FOLDERS:
     register_model_folder(_folder, ())
 
+logger = logging.getLogger(__name__)
+# The sound and point cloud the shipped workflows name, so they run with only the models missing.
+SAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "workflows" / "inputs"
+
 
 class X2IExtension(ComfyExtension):
+    @override
+    async def on_load(self) -> None:
+        input_dir = folder_paths.get_input_directory()
+        copied = copy_missing_files(SAMPLE_INPUTS, input_dir)
+        if copied:
+            logger.info("X2I: copied the sample inputs %s into %s", ", ".join(copied), input_dir)
+
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [

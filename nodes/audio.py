@@ -7,14 +7,20 @@ from pathlib import Path
 
 import comfy.model_management as mm
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..encoders.audioclip import load_audioclip_audio
 from ..encoders.clap import is_clap_folder, load_clap_audio
 from ..encoders.text import list_encoder_folders
+from ..paths import find_in_folders
 from .common import (
     CATEGORY,
+    CONDITIONING_OUTPUT_TOOLTIP,
     DTYPE_CHOICES,
+    DTYPE_TOOLTIP,
+    ENCODER_INPUT_TOOLTIP,
+    ENCODER_OUTPUT_TOOLTIP,
+    GLUENET_INPUT_TOOLTIP,
     GlueNetType,
     LoadedGlueNet,
     X2IEncoder,
@@ -22,7 +28,6 @@ from .common import (
     encoder_dtype,
     encoder_patcher,
     encoder_with,
-    find_in_folders,
     single_gluenet,
     translate_to_conditioning,
 )
@@ -47,10 +52,11 @@ class X2IAudioEncoderLoader(X2INode):
             description="Loads a sound encoder from models/audio_encoders: the audio branch of AudioCLIP "
             "(AudioCLIP-Full-Training.pt, what GlueGen's sound GlueNet was trained on) or a CLAP folder.",
             inputs=[
-                io.Combo.Input("encoder_name", options=_audio_encoder_choices()),
-                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto"),
+                io.Combo.Input("encoder_name", options=_audio_encoder_choices(),
+                               tooltip="AudioCLIP-Full-Training.pt or a Hugging Face CLAP folder in models/audio_encoders."),
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=DTYPE_TOOLTIP),
             ],
-            outputs=[X2IEncoder.Output(display_name="encoder")],
+            outputs=[X2IEncoder.Output(display_name="encoder", tooltip=ENCODER_OUTPUT_TOOLTIP)],
         )
 
     @classmethod
@@ -75,11 +81,11 @@ class X2IGlueGenAudioEncode(X2INode):
             description="Turns sound (from Load Audio) into SD1.x conditioning through a sound GlueNet. One "
             "conditioning per clip of the batch. For the negative, use CLIP Text Encode with an empty prompt.",
             inputs=[
-                X2IEncoder.Input("encoder"),
-                GlueNetType.Input("gluenet"),
-                io.Audio.Input("audio"),
+                X2IEncoder.Input("encoder", tooltip=ENCODER_INPUT_TOOLTIP),
+                GlueNetType.Input("gluenet", tooltip=GLUENET_INPUT_TOOLTIP),
+                io.Audio.Input("audio", tooltip="Sound from Load Audio: any rate and channel count; the first 4 s are used."),
             ],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip=CONDITIONING_OUTPUT_TOOLTIP)],
         )
 
     @classmethod

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
-from ..uvit.block_conditioning import (
+from ..block_conditioning import (
     DEFAULT_BLOCKS,
     BlockContextPatch,
     BlockSpecError,
@@ -15,6 +15,7 @@ from ..uvit.block_conditioning import (
     format_blocks,
     parse_blocks,
 )
+from ..errors import X2IError
 from .common import CATEGORY, X2INode
 
 logger = logging.getLogger(__name__)
@@ -37,14 +38,14 @@ class X2IBlockConditioning(X2INode):
             "paper) attend to conditioning_blocks, every other block to KSampler's positive (e.g. the empty prompt). "
             "The negative is left as it is in every block.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="An SD1.x, SD2 or SDXL U-Net MODEL."),
                 io.Conditioning.Input(
                     "conditioning_blocks",
                     tooltip="What the chosen blocks see, e.g. your prompt from CLIP Text Encode with the checkpoint's CLIP.",
                 ),
                 io.String.Input("blocks", default=DEFAULT_BLOCKS, tooltip=BLOCKS_TOOLTIP),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A clone of the MODEL whose chosen blocks attend to conditioning_blocks.")],
         )
 
     @classmethod
@@ -60,14 +61,14 @@ class X2IBlockConditioning(X2INode):
         unet = model.get_model_object("diffusion_model")
         chosen = parse_blocks(blocks, cross_attention_blocks(unet))
         if len(conditioning_blocks) != 1:
-            raise ValueError(
+            raise X2IError(
                 f"conditioning_blocks holds {len(conditioning_blocks)} conditionings; connect one (Conditioning Combine "
                 "averages two predictions, which has no meaning inside one block: use Conditioning Concat or Average)"
             )
         context = conditioning_blocks[0][0]
         width = cross_attention_width(unet)
         if width is not None and context.shape[-1] != width:
-            raise ValueError(
+            raise X2IError(
                 f"conditioning_blocks is {context.shape[-1]} wide but this U-Net's cross-attention takes {width}: "
                 "encode it with the CLIP of the same checkpoint"
             )

@@ -1,4 +1,7 @@
-"""What every X2I node shares with ComfyUI: model folders, custom types, device and dtype policy."""
+"""What every X2I node shares with ComfyUI: model folders, custom types, device and dtype policy.
+
+The nodes use ComfyUI's versioned node API ``comfy_api.v0_0_2`` (the newest ComfyUI 0.3.64 offers), not
+``comfy_api.latest``, which ComfyUI documents as changing without notice."""
 
 from __future__ import annotations
 
@@ -11,8 +14,12 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 from torch import nn
+
+from ..errors import X2IError, X2IFileNotFoundError
+from ..paths import find_in_folders
+from ..weights import DTYPES as _DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +35,14 @@ GLUENET_FOLDER = "gluenet"
 GLUENET_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Tooltips of inputs and outputs that several nodes share (the locales/ translate them by node).
+DTYPE_TOOLTIP = "auto: ComfyUI's text-encoder precision on GPU, fp32 on CPU."
+ENCODER_INPUT_TOOLTIP = "The encoder from the matching X2I loader; its features must have the width the GlueNet expects."
+GLUENET_INPUT_TOOLTIP = "A GlueNet from X2I GlueNet Loader or Router, trained for this encoder."
+ENCODER_OUTPUT_TOOLTIP = "The loaded encoder, managed by ComfyUI's model management; connect it to an X2I encode node."
+GLUENET_OUTPUT_TOOLTIP = "The GlueNet, for X2I GlueGen encode nodes or the GlueNet Router."
+CONDITIONING_OUTPUT_TOOLTIP = "SD1.x conditioning (77 tokens × 768), for KSampler's positive or negative."
 
 
 def register_model_folder(name: str, extensions: Iterable[str]) -> None:
@@ -43,46 +57,16 @@ def model_folder_paths(names: Iterable[str]) -> list[str]:
     return [path for name in names for path in folder_paths.get_folder_paths(name)]
 
 
-def contained(root: str, name: str) -> str:
-    """``root`` joined with ``name`` the way ComfyUI's ``folder_paths.get_full_path`` does it: the name is
-    normalised as if it started at ``/``, so ``..`` and absolute paths cannot climb out of ``root``, while
-    a symlink a user placed inside ``root`` (a model folder on another disk) is followed as usual."""
-    return os.path.join(root, os.path.relpath(os.path.join("/", name), "/"))
-
-
-def find_in_folders(roots: Iterable[str], name: str, accept: Callable[[str], bool]) -> str | None:
-    """The first ``contained(root, name)`` that ``accept`` takes (``os.path.isfile``, a folder test...)."""
-    if not isinstance(name, str) or not name or "\0" in name:
-        return None
-    return next((path for root in roots if accept(path := contained(root, name))), None)
-
-
 def resolve_encoder_folder(relative_name: str) -> str:
     """Absolute path of an encoder folder listed by :func:`encoders.list_encoder_folders`."""
     path = find_in_folders(model_folder_paths(TEXT_ENCODER_FOLDERS), relative_name,
                            lambda candidate: os.path.isfile(os.path.join(candidate, "config.json")))
     if path is None:
-        raise FileNotFoundError(
+        raise X2IFileNotFoundError(
             f"text encoder folder '{relative_name}' not found in {', '.join(TEXT_ENCODER_FOLDERS)} "
             "(put Hugging Face model folders in ComfyUI/models/text_encoders)"
         )
     return path
-
-
-def disk_state(path: str | None) -> tuple | None:
-    """What changes when a file or model folder is replaced on disk (every file's name, size and mtime), for
-    ``fingerprint_inputs``: ComfyUI re-runs a loader when it changes, not only when the chosen name does."""
-    if path is None or not os.path.exists(path):
-        return None
-    if os.path.isfile(path):
-        stat = os.stat(path)
-        return (stat.st_size, stat.st_mtime_ns)
-    state = []
-    for folder, _, files in os.walk(path, followlinks=True):
-        for name in sorted(files):
-            stat = os.stat(os.path.join(folder, name))
-            state.append((os.path.relpath(os.path.join(folder, name), path), stat.st_size, stat.st_mtime_ns))
-    return tuple(sorted(state))
 
 
 def schema_problem(node: type[io.ComfyNode], values: dict, choices: bool = False) -> str | None:
@@ -112,7 +96,7 @@ def require_valid(node: type[io.ComfyNode], **values) -> None:
     """:func:`schema_problem` while executing, for values that came through links and skipped validation."""
     problem = schema_problem(node, values)
     if problem:
-        raise ValueError(problem)
+        raise X2IError(problem)
 
 
 class X2INode(io.ComfyNode):
@@ -132,7 +116,7 @@ class X2INode(io.ComfyNode):
 def encoder_dtype(choice: str, device: torch.device) -> torch.dtype:
     """The dtype to run a transformers encoder in: ComfyUI's choice, but never half precision on CPU."""
     if choice not in DTYPE_CHOICES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {choice!r}")
+        raise X2IError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {choice!r}")
     on_cpu = mm.is_device_cpu(device)
     if choice == "auto":
         if on_cpu:
@@ -191,12 +175,12 @@ def encoder_with(encoder, method: str, loader: str) -> nn.Module:
     """The encoder module behind an ``X2I_ENCODER`` if it has ``method``, else a message naming the loader."""
     module = encoder.model
     if not hasattr(module, method):
-        raise ValueError(f"'{getattr(module, 'name', 'this encoder')}' cannot {method.replace('_', ' ')}: load one with {loader}")
+        raise X2IError(f"'{getattr(module, 'name', 'this encoder')}' cannot {method.replace('_', ' ')}: load one with {loader}")
     return module
 
 
 def single_gluenet(gluenet) -> LoadedGlueNet:
     """Sound and point clouds have no language: a router there is a wiring mistake worth naming."""
     if not isinstance(gluenet, LoadedGlueNet):
-        raise ValueError("the GlueNet Router chooses by language and is for text: connect an X2I GlueNet Loader here")
+        raise X2IError("the GlueNet Router chooses by language and is for text: connect an X2I GlueNet Loader here")
     return gluenet

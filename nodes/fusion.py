@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
+from ..errors import X2IError
 from ..gluenet.fusion import top_k_fusion
 from .common import CATEGORY, X2INode, require_valid
 
@@ -24,17 +25,17 @@ class X2ITopKFusion(X2INode):
             "Chain two nodes for three modalities.",
             inputs=[
                 io.Conditioning.Input("conditioning_a", tooltip="Its first K tokens come first; its options are kept."),
-                io.Conditioning.Input("conditioning_b"),
+                io.Conditioning.Input("conditioning_b", tooltip="Its first K tokens follow a's; the rest is averaged with a's."),
                 io.Int.Input("k", default=5, min=0, max=38, tooltip="GlueGen's demo uses 3 to 7."),
             ],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip="[a's first K, b's first K, the average of the rest]: as long as a and b.")],
         )
 
     @classmethod
     def execute(cls, conditioning_a: list, conditioning_b: list, k: int) -> io.NodeOutput:
         require_valid(cls, k=k)  # a linked k skipped validation
         if not conditioning_a or not conditioning_b:
-            raise ValueError("X2I Top-K Fusion needs two non-empty conditionings")
+            raise X2IError("X2I Top-K Fusion needs two non-empty conditionings")
         if len(conditioning_b) > 1:
             logger.warning("X2I Top-K Fusion: conditioning_b has %d entries; only the first is fused", len(conditioning_b))
         other = conditioning_b[0][0]

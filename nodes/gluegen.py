@@ -6,19 +6,24 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..encoders import HFTextEncoder
+from ..errors import X2IError
 from ..gluenet import GlueNetFileError, GlueNetRouter, load_gluenet, probe_gluenet_file
 from ..gluenet.checkpoint import LANGUAGE_NAMES
+from ..paths import disk_state
 from .common import (
     CATEGORY,
+    CONDITIONING_OUTPUT_TOOLTIP,
+    ENCODER_INPUT_TOOLTIP,
     GLUENET_FOLDER,
+    GLUENET_INPUT_TOOLTIP,
+    GLUENET_OUTPUT_TOOLTIP,
     GlueNetType,
     LoadedGlueNet,
     X2IEncoder,
     X2INode,
-    disk_state,
     encoder_patcher,
     encoder_with,
     translate_to_conditioning,
@@ -41,7 +46,8 @@ class X2IGlueNetLoader(X2INode):
             description="Loads a GlueNet translator from models/gluenet: a released GlueGen .ckpt or a "
             ".safetensors trained or converted with this pack.",
             inputs=[
-                io.Combo.Input("gluenet_name", options=folder_paths.get_filename_list(GLUENET_FOLDER)),
+                io.Combo.Input("gluenet_name", options=folder_paths.get_filename_list(GLUENET_FOLDER),
+                               tooltip="A released GlueGen .ckpt or this pack's .safetensors in models/gluenet."),
                 io.Combo.Input(
                     "language",
                     options=[FROM_FILE, *LANGUAGE_CODES],
@@ -50,7 +56,7 @@ class X2IGlueNetLoader(X2INode):
                     "from the file name (gluenet_French_...) or its metadata.",
                 ),
             ],
-            outputs=[GlueNetType.Output(display_name="gluenet")],
+            outputs=[GlueNetType.Output(display_name="gluenet", tooltip=GLUENET_OUTPUT_TOOLTIP)],
         )
 
     @classmethod
@@ -87,7 +93,8 @@ class X2IGlueNetRouter(X2INode):
             description="Holds GlueNets for several languages and picks the one matching each prompt, with an "
             "offline language detector; or always the language you choose.",
             inputs=[
-                *(GlueNetType.Input(f"gluenet_{i}", optional=True) for i in range(1, ROUTER_SLOTS + 1)),
+                *(GlueNetType.Input(f"gluenet_{i}", optional=True, tooltip="A GlueNet Loader for one language.")
+                  for i in range(1, ROUTER_SLOTS + 1)),
                 io.Combo.Input(
                     "language",
                     options=["auto", *LANGUAGE_CODES],
@@ -95,7 +102,7 @@ class X2IGlueNetRouter(X2INode):
                     tooltip="auto: detect each prompt's language among the connected GlueNets.",
                 ),
             ],
-            outputs=[GlueNetType.Output(display_name="gluenet")],
+            outputs=[GlueNetType.Output(display_name="gluenet", tooltip=GLUENET_OUTPUT_TOOLTIP)],
         )
 
     @classmethod
@@ -106,11 +113,11 @@ class X2IGlueNetRouter(X2INode):
             if loaded is None:
                 continue
             if loaded.language is None:
-                raise ValueError(
+                raise X2IError(
                     f"GlueNet '{loaded.name}' ({slot}) has no language: set 'language' on its X2I GlueNet Loader"
                 )
             if loaded.language in entries:
-                raise ValueError(
+                raise X2IError(
                     f"two GlueNets for '{loaded.language}' ({entries[loaded.language].name} and {loaded.name}): "
                     "connect one per language"
                 )
@@ -129,11 +136,11 @@ class X2IGlueGenTextEncode(X2INode):
             "SD1.x conditioning (official recipe: GlueNet(features / 3) x tensor_norm / 2). An empty prompt is "
             "the unconditional.",
             inputs=[
-                X2IEncoder.Input("encoder"),
-                GlueNetType.Input("gluenet"),
+                X2IEncoder.Input("encoder", tooltip=ENCODER_INPUT_TOOLTIP),
+                GlueNetType.Input("gluenet", tooltip=GLUENET_INPUT_TOOLTIP),
                 io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="Prompt in the GlueNet's language."),
             ],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip=CONDITIONING_OUTPUT_TOOLTIP)],
         )
 
     @classmethod

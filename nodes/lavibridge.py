@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,35 +22,34 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..bridge import (
-    RELEASED_ADAPTERS,
     LaViBridgeFileError,
     LaViBridgeRecipe,
-    TextAdapter,
     check_widths,
     encode_prompt_for_bridge,
-    is_trained_bridge_file,
-    load_adapter,
-    load_trained_bridge,
+    is_bridge,
+    load_bridge,
     map_lora_pairs,
+    may_be_bridge,
     pixart_lora_targets,
-    read_lora_pairs,
-    read_trained_bridge_metadata,
+    probe_bridge,
     text_lora_targets,
     unet_lora_targets,
 )
-from ..bridge.lora import SD1_UNET, LoraPair, named_lora_state_dict
+from ..bridge.load import TRAINED_BRIDGE_SUFFIX
+from ..bridge.lora import SD1_UNET, named_lora_state_dict
+from ..bridge.trained import DIFFUSION_MODEL_NAMES
 from ..encoders import HFTextEncoder
+from ..errors import X2IError, X2IFileNotFoundError
+from ..paths import disk_state, find_in_folders
 from .common import (
     CATEGORY,
     X2IEncoder,
     X2INode,
-    disk_state,
     encoder_patcher,
     encoder_with,
-    find_in_folders,
     load_fully,
     require_valid,
     to_conditioning,
@@ -64,13 +62,10 @@ BridgeType = io.Custom("X2I_BRIDGE")
 PIXART_CONTEXT_DIM = 4096  # T5-XXL width that PixArt's frozen caption projection expects
 PIXART_ALPHA_CAPTION_TOKENS = 120  # PixArt-α's y_embedding length (PixArt-Σ: 300)
 QUALITY_SUFFIX_TOOLTIP = "Append the official ', best quality, extremely detailed, 4k resolution' to the prompt."
-TRAINED_BRIDGE_SUFFIX = ".safetensors"
 BRIDGE_NAME_TOOLTIP = (
     "A released LaVi-Bridge folder (lora_vis.pt, lora_text.pt, adapter/) or a trained .safetensors bridge "
     "from this pack's bridge trainer, in models/lavi_bridge."
 )
-# What a trained file's ``diffusion_model`` metadata names, for messages.
-DIFFUSION_MODEL_NAMES = {"sd1": "an SD1.x U-Net (768-wide text context)", "pixart": "PixArt-XL-2"}
 
 
 @dataclass(frozen=True)
@@ -83,88 +78,22 @@ class LoadedBridge:
 
 
 def _bridge_names() -> list[str]:
-    """Released folders (with ``adapter/``) and trained bridge files (checked by their metadata only)."""
+    """Released folders and trained bridge files in models/lavi_bridge (see :func:`..bridge.is_bridge`)."""
     found = set()
     for root in folder_paths.get_folder_paths(LAVI_BRIDGE_FOLDER):
-        if not os.path.isdir(root):
-            continue
-        for name in os.listdir(root):
-            path = os.path.join(root, name)
-            if os.path.isdir(os.path.join(path, "adapter")):
-                found.add(name)
-            elif name.endswith(TRAINED_BRIDGE_SUFFIX) and os.path.isfile(path) and is_trained_bridge_file(path):
-                found.add(name)
+        if os.path.isdir(root):
+            found.update(name for name in os.listdir(root) if is_bridge(os.path.join(root, name)))
     return sorted(found)
 
 
 def _resolve_bridge(name: str) -> Path:
     """The released folder or the trained ``.safetensors`` file called ``name`` in models/lavi_bridge."""
-    path = find_in_folders(
-        folder_paths.get_folder_paths(LAVI_BRIDGE_FOLDER), name,
-        lambda path: (path.endswith(TRAINED_BRIDGE_SUFFIX) and os.path.isfile(path)) or os.path.isdir(os.path.join(path, "adapter")),
-    )
+    path = find_in_folders(folder_paths.get_folder_paths(LAVI_BRIDGE_FOLDER), name, may_be_bridge)
     if path is not None:
         return Path(path)
-    raise FileNotFoundError(
+    raise X2IFileNotFoundError(
         f"LaVi-Bridge '{name}' not found in models/{LAVI_BRIDGE_FOLDER}: it takes released folders (with an adapter/ "
         f"subfolder) and trained {TRAINED_BRIDGE_SUFFIX} bridge files"
-    )
-
-
-@dataclass(frozen=True)
-class _BridgeParts:
-    """What a released folder or a trained file gives the loader: the recipe, the adapter, and the LoRA
-    pairs in the official positional order (``text_pairs`` empty: no language-model LoRA)."""
-
-    recipe: LaViBridgeRecipe
-    adapter: TextAdapter
-    family: str
-    vision_pairs: Sequence[LoraPair]
-    text_pairs: Sequence[LoraPair]
-    vision_source: str
-    text_source: str
-    diffusion_model: str | None = None  # a trained file's "sd1" / "pixart"; None: implied by the recipe
-
-
-def _released_parts(folder: Path, name: str) -> _BridgeParts:
-    adapter = load_adapter(folder / "adapter")
-    recipe = _recipe_of(folder, adapter)
-    return _BridgeParts(
-        recipe=recipe,
-        adapter=adapter,
-        family="llama" if recipe == LaViBridgeRecipe.LLAMA2_UNET else "t5",
-        vision_pairs=read_lora_pairs(folder / "lora_vis.pt"),
-        text_pairs=read_lora_pairs(folder / "lora_text.pt"),
-        vision_source=f"{name}/lora_vis.pt",
-        text_source=f"{name}/lora_text.pt",
-    )
-
-
-def _trained_parts(path: Path, name: str) -> _BridgeParts:
-    bridge = load_trained_bridge(path)  # adapter in fp32, eval, frozen
-    return _BridgeParts(
-        recipe=bridge.recipe,
-        adapter=bridge.adapter,
-        family=bridge.language_model_family,
-        vision_pairs=bridge.vision_pairs(),
-        text_pairs=bridge.text_pairs(),
-        vision_source=f"{name} (vision LoRA)",
-        text_source=f"{name} (text LoRA)",
-        diffusion_model=bridge.diffusion_model,
-    )
-
-
-def _recipe_of(folder: Path, adapter) -> LaViBridgeRecipe:
-    """The release's folder name when kept (t5_unet, llama2_unet, t5_transformer), else the adapter's widths."""
-    if folder.name in RELEASED_ADAPTERS:
-        return LaViBridgeRecipe(folder.name)
-    widths = (adapter.config.in_dim, adapter.config.out_dim)
-    for recipe, config in RELEASED_ADAPTERS.items():
-        if widths == (config.in_dim, config.out_dim):
-            return LaViBridgeRecipe(recipe)
-    raise ValueError(
-        f"{folder.name}: adapter {widths[0]} -> {widths[1]} matches no LaVi-Bridge recipe "
-        f"({', '.join(f'{r}: {c.in_dim} -> {c.out_dim}' for r, c in RELEASED_ADAPTERS.items())})"
     )
 
 
@@ -185,18 +114,6 @@ def _describe_model(model) -> str:
     return f"{type(model.model).__name__} with context width {model.model.model_config.unet_config.get('context_dim')}"
 
 
-def _check_trained_for(model, name: str, parts: _BridgeParts) -> None:
-    """A trained file says which diffusion model it was trained for: refuse any other, naming both."""
-    kind = _diffusion_kind(model)
-    if parts.diffusion_model is not None and kind != parts.diffusion_model:
-        wanted = DIFFUSION_MODEL_NAMES.get(parts.diffusion_model, parts.diffusion_model)
-        raise LaViBridgeFileError(
-            f"{name} is a LaVi-Bridge trained for {wanted} (diffusion_model '{parts.diffusion_model}', recipe "
-            f"{parts.recipe.value}), but the connected MODEL is {_describe_model(model)}: connect a "
-            f"{'PixArt' if parts.diffusion_model == 'pixart' else 'SD1.x'} checkpoint or pick a bridge trained for this MODEL"
-        )
-
-
 def _vision_side(model, recipe: LaViBridgeRecipe) -> tuple[list, dict, int]:
     """(LoRA targets in the official order, diffusers name -> ComfyUI weight key, text context width) of
     the connected MODEL, through ComfyUI's own key converters (PixArt's fused qkv / kv as offsets)."""
@@ -204,7 +121,7 @@ def _vision_side(model, recipe: LaViBridgeRecipe) -> tuple[list, dict, int]:
     kind = _diffusion_kind(model)
     if recipe == LaViBridgeRecipe.T5_TRANSFORMER:
         if kind != "pixart":
-            raise ValueError(
+            raise X2IError(
                 f"{recipe.value} bridges T5 to PixArt-XL-2, but the connected MODEL is {type(model.model).__name__}: "
                 "connect a PixArt checkpoint (or use t5_unet / llama2_unet with SD1.x)"
             )
@@ -212,7 +129,7 @@ def _vision_side(model, recipe: LaViBridgeRecipe) -> tuple[list, dict, int]:
         converted = comfy.utils.pixart_to_diffusers(unet_config, output_prefix="diffusion_model.")
         return targets, {k[: -len(".weight")]: v for k, v in converted.items() if k.endswith(".weight")}, PIXART_CONTEXT_DIM
     if kind != "sd1":
-        raise ValueError(
+        raise X2IError(
             f"{recipe.value} is for SD1.x U-Nets (768-wide text context), but the connected MODEL is "
             f"{type(model.model).__name__} with context width {unet_config.get('context_dim')}: connect an SD1.x checkpoint"
         )
@@ -237,12 +154,12 @@ def _pixart_alpha_latents(model) -> None:
 def _patched(patcher, mapped: dict, key_map: dict[str, str], strength: float):
     missing = sorted(set(mapped) - set(key_map))
     if missing:
-        raise ValueError(f"{len(missing)} LoRA layers have no weight in this model (e.g. {missing[0]})")
+        raise X2IError(f"{len(missing)} LoRA layers have no weight in this model (e.g. {missing[0]})")
     patches = comfy.lora.load_lora(named_lora_state_dict(mapped), {name: key_map[name] for name in mapped})
     clone = patcher.clone()
     added = clone.add_patches(patches, strength)
     if len(added) != len(mapped):
-        raise ValueError(f"only {len(added)} of {len(mapped)} LoRA layers found a weight to patch in this model")
+        raise X2IError(f"only {len(added)} of {len(mapped)} LoRA layers found a weight to patch in this model")
     return clone
 
 
@@ -257,29 +174,27 @@ class X2ILaViBridgeLoader(X2INode):
             "adapter/, or a trained .safetensors bridge from this pack's bridge trainer) to your SD1.x or PixArt MODEL "
             "and to the language model. The MODEL keeps working with every sampler, LoRA and ControlNet.",
             inputs=[
-                io.Model.Input("model"),
-                X2IEncoder.Input("language_model"),
+                io.Model.Input("model", tooltip="An SD1.x MODEL (t5_unet, llama2_unet) or PixArt-XL-2 (t5_transformer)."),
+                X2IEncoder.Input("language_model", tooltip="The bridge's language model, from X2I Language Model Loader."),
                 io.Combo.Input("bridge_name", options=_bridge_names(), tooltip=BRIDGE_NAME_TOOLTIP),
-                io.Float.Input("unet_strength", default=1.0, min=-4.0, max=4.0, step=0.05),
-                io.Float.Input("text_strength", default=1.0, min=-4.0, max=4.0, step=0.05),
+                io.Float.Input("unet_strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="Scale of the LoRA in the diffusion model (1: as trained)."),
+                io.Float.Input("text_strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="Scale of the LoRA in the language model (1: as trained)."),
             ],
-            outputs=[io.Model.Output(), BridgeType.Output(display_name="bridge")],
+            outputs=[
+                io.Model.Output(tooltip="A clone of the MODEL with the bridge's LoRA, for KSampler."),
+                BridgeType.Output(display_name="bridge", tooltip="The bridged language model and adapter, for X2I LaVi-Bridge Text Encode."),
+            ],
         )
 
     @classmethod
     def check_inputs(cls, bridge_name: str, **_) -> str | None:
         try:
-            path = _resolve_bridge(bridge_name)
-        except FileNotFoundError as exc:
+            probe_bridge(_resolve_bridge(bridge_name), bridge_name)
+        except (FileNotFoundError, LaViBridgeFileError) as exc:
             return str(exc)
-        if path.is_file():
-            try:
-                read_trained_bridge_metadata(path)  # metadata only: says what the file is when it is no bridge
-            except LaViBridgeFileError as exc:
-                return str(exc)
-            return None
-        missing = [name for name in ("lora_vis.pt", "lora_text.pt") if not (path / name).is_file()]
-        return f"{bridge_name} lacks {' and '.join(missing)}: copy the whole released folder" if missing else None
+        return None
 
     @classmethod
     def fingerprint_inputs(cls, bridge_name: str, **_) -> tuple | None:
@@ -293,23 +208,23 @@ class X2ILaViBridgeLoader(X2INode):
         require_valid(cls, unet_strength=unet_strength, text_strength=text_strength)  # linked values skip validation
         path = _resolve_bridge(bridge_name)
         lm: HFTextEncoder = encoder_with(language_model, "encode", "X2I Language Model Loader")
-        parts = _trained_parts(path, bridge_name) if path.is_file() else _released_parts(path, bridge_name)
-        _check_trained_for(model, bridge_name, parts)
-        targets, key_map, context_dim = _vision_side(model, parts.recipe)
-        check_widths(parts.adapter, lm.hidden_size, context_dim)
-        vision_pairs = map_lora_pairs(parts.vision_pairs, targets, parts.vision_source)
+        bridge = load_bridge(path, name=bridge_name)
+        bridge.check_diffusion_model(_diffusion_kind(model), _describe_model(model))
+        targets, key_map, context_dim = _vision_side(model, bridge.recipe)
+        check_widths(bridge.adapter, lm.hidden_size, context_dim)
+        vision_pairs = map_lora_pairs(bridge.vision_pairs, targets, bridge.vision_source)
         bridged_model = _patched(model, vision_pairs, key_map, unet_strength)
-        if parts.recipe == LaViBridgeRecipe.T5_TRANSFORMER:
+        if bridge.recipe == LaViBridgeRecipe.T5_TRANSFORMER:
             _pixart_alpha_latents(bridged_model)
-        if parts.text_pairs:
-            text_pairs = map_lora_pairs(parts.text_pairs, text_lora_targets(lm.transformer, parts.family), parts.text_source)
+        if bridge.text_pairs:
+            text_targets = text_lora_targets(lm.transformer, bridge.language_model_family)
+            text_pairs = map_lora_pairs(bridge.text_pairs, text_targets, bridge.text_source)
             text_keys = {name: f"transformer.{name}.weight" for name in text_pairs}
             bridged_lm = _patched(language_model, text_pairs, text_keys, text_strength)
         else:
             logger.info("LaVi-Bridge %s has no language-model LoRA: the language model is used as it is", bridge_name)
             bridged_lm = language_model
-        bridge = LoadedBridge(bridged_lm, encoder_patcher(parts.adapter), parts.recipe)
-        return io.NodeOutput(bridged_model, bridge)
+        return io.NodeOutput(bridged_model, LoadedBridge(bridged_lm, encoder_patcher(bridge.adapter), bridge.recipe))
 
 
 class X2ILaViBridgeTextEncode(X2INode):
@@ -322,11 +237,11 @@ class X2ILaViBridgeTextEncode(X2INode):
             description="Encodes a prompt with the bridged language model and adapter into conditioning for the "
             "bridged MODEL. Use it for the negative prompt too.",
             inputs=[
-                BridgeType.Input("bridge"),
-                io.String.Input("text", multiline=True, dynamic_prompts=True),
+                BridgeType.Input("bridge", tooltip="From X2I LaVi-Bridge Loader."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt (or the negative prompt)."),
                 io.Boolean.Input("quality_suffix", default=False, tooltip=QUALITY_SUFFIX_TOOLTIP),
             ],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip="Conditioning for the bridged MODEL: 77 × 768 for SD1.x, 120 × 4096 for PixArt.")],
         )
 
     @classmethod

@@ -6,13 +6,20 @@ import os
 
 import comfy.model_management as mm
 import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..encoders.pointbert import load_ulip_pointbert
 from ..encoders.pointcloud import SUFFIXES, UP_AXES, PointCloud, load_point_cloud, render_preview
+from ..errors import X2IFileNotFoundError
+from ..paths import find_in_folders
 from .common import (
     CATEGORY,
+    CONDITIONING_OUTPUT_TOOLTIP,
     DTYPE_CHOICES,
+    DTYPE_TOOLTIP,
+    ENCODER_INPUT_TOOLTIP,
+    ENCODER_OUTPUT_TOOLTIP,
+    GLUENET_INPUT_TOOLTIP,
     GlueNetType,
     LoadedGlueNet,
     PointCloudType,
@@ -21,7 +28,6 @@ from .common import (
     encoder_dtype,
     encoder_patcher,
     encoder_with,
-    find_in_folders,
     single_gluenet,
     translate_to_conditioning,
 )
@@ -63,11 +69,14 @@ class X2IPointCloudLoader(X2INode):
             description="Reads a point cloud or mesh from ComfyUI's input folder (.ply, .obj, .off, .stl, .glb, .npy, "
             ".npz, .xyz, .txt); meshes are sampled on their surface. Centred and scaled to the unit sphere; colours kept.",
             inputs=[
-                io.Combo.Input("file", options=_input_point_clouds()),
+                io.Combo.Input("file", options=_input_point_clouds(), tooltip="A point cloud or mesh in ComfyUI's input folder."),
                 io.Int.Input("surface_points", default=10000, min=512, max=1_000_000, tooltip="Points sampled on a mesh surface."),
                 io.Combo.Input("preview_up_axis", options=list(UP_AXES), default="y", tooltip="y for OBJ/glTF/ShapeNet models, z for scans and CAD."),
             ],
-            outputs=[PointCloudType.Output(display_name="point_cloud"), io.Image.Output(display_name="preview")],
+            outputs=[
+                PointCloudType.Output(display_name="point_cloud", tooltip="The points (and colours), for X2I GlueGen Point Cloud Encode."),
+                io.Image.Output(display_name="preview", tooltip="A rendering of the cloud, to check it before encoding."),
+            ],
         )
 
     @classmethod
@@ -86,7 +95,7 @@ class X2IPointCloudLoader(X2INode):
     def execute(cls, file: str, surface_points: int, preview_up_axis: str) -> io.NodeOutput:
         path = _input_file(file)
         if path is None:
-            raise FileNotFoundError(f"point cloud file '{file}' not found in ComfyUI's input folder")
+            raise X2IFileNotFoundError(f"point cloud file '{file}' not found in ComfyUI's input folder")
         cloud = load_point_cloud(path, surface_points=surface_points)
         preview = render_preview(cloud, up_axis=preview_up_axis).unsqueeze(0)
         return io.NodeOutput(cloud, preview, ui=ui.PreviewImage(preview, cls=cls))
@@ -101,10 +110,11 @@ class X2IPointCloudEncoderLoader(X2INode):
             category=f"{CATEGORY}/loaders",
             description="Loads ULIP's PointBERT point-cloud encoder (ULIP-1 or ULIP-2) from models/point_encoders.",
             inputs=[
-                io.Combo.Input("encoder_name", options=folder_paths.get_filename_list(POINT_ENCODER_FOLDER)),
-                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto"),
+                io.Combo.Input("encoder_name", options=folder_paths.get_filename_list(POINT_ENCODER_FOLDER),
+                               tooltip="A ULIP PointBERT checkpoint in models/point_encoders (ULIP-1 or ULIP-2)."),
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=DTYPE_TOOLTIP),
             ],
-            outputs=[X2IEncoder.Output(display_name="encoder")],
+            outputs=[X2IEncoder.Output(display_name="encoder", tooltip=ENCODER_OUTPUT_TOOLTIP)],
         )
 
     @classmethod
@@ -125,11 +135,11 @@ class X2IGlueGenPointCloudEncode(X2INode):
             description="Turns a point cloud into SD1.x conditioning through a point-cloud GlueNet (train one with "
             "this pack's trainer: none was released).",
             inputs=[
-                X2IEncoder.Input("encoder"),
-                GlueNetType.Input("gluenet"),
-                PointCloudType.Input("point_cloud"),
+                X2IEncoder.Input("encoder", tooltip=ENCODER_INPUT_TOOLTIP),
+                GlueNetType.Input("gluenet", tooltip=GLUENET_INPUT_TOOLTIP),
+                PointCloudType.Input("point_cloud", tooltip="From X2I Load Point Cloud."),
             ],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip=CONDITIONING_OUTPUT_TOOLTIP)],
         )
 
     @classmethod

@@ -4,12 +4,14 @@ Llama, ...) as X2I encoders."""
 from __future__ import annotations
 
 import comfy.model_management as mm
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..encoders import list_encoder_folders, load_text_encoder
 from .common import (
     CATEGORY,
     DTYPE_CHOICES,
+    DTYPE_TOOLTIP,
+    ENCODER_OUTPUT_TOOLTIP,
     TEXT_ENCODER_FOLDERS,
     X2IEncoder,
     X2INode,
@@ -45,10 +47,10 @@ class X2ITextEncoderLoader(X2INode):
                     "dtype",
                     options=list(DTYPE_CHOICES),
                     default="auto",
-                    tooltip="auto: ComfyUI's text-encoder precision on GPU, fp32 on CPU.",
+                    tooltip=DTYPE_TOOLTIP,
                 ),
             ],
-            outputs=[X2IEncoder.Output(display_name="encoder")],
+            outputs=[X2IEncoder.Output(display_name="encoder", tooltip=ENCODER_OUTPUT_TOOLTIP)],
         )
 
     @classmethod
@@ -66,11 +68,11 @@ class X2ILanguageModelLoader(X2INode):
             description="Loads a Hugging Face language model folder (T5, Llama, BERT...) offline from "
             "models/text_encoders for LaVi-Bridge.",
             inputs=[
-                io.Combo.Input("model_name", options=list_encoder_folders(model_folder_paths(TEXT_ENCODER_FOLDERS))),
-                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
-                               tooltip="auto: ComfyUI's text-encoder precision on GPU, fp32 on CPU."),
+                io.Combo.Input("model_name", options=list_encoder_folders(model_folder_paths(TEXT_ENCODER_FOLDERS)),
+                               tooltip="A Hugging Face folder (config.json, tokenizer, weights), e.g. t5-large or Llama-2-7b-hf."),
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=DTYPE_TOOLTIP),
             ],
-            outputs=[X2IEncoder.Output(display_name="language_model")],
+            outputs=[X2IEncoder.Output(display_name="language_model", tooltip="The language model, for X2I LaVi-Bridge Loader.")],
         )
 
     @classmethod

@@ -20,18 +20,19 @@ import comfy.supported_models_base
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
+from ..errors import X2IError
+from ..paths import disk_state
 from ..uvit import SamplingConvention, UViT, UViTConfig, UViTFileError, load_uvit_state_dict, probe_uvit_file
-from ..uvit.model import UViTInputError
-from .common import CATEGORY, X2INode, disk_state
+from ..uvit.model import fit_text_context
+from .common import CATEGORY, X2INode
 
 logger = logging.getLogger(__name__)
 
 UVIT_FOLDER = "diffusion_models"
 # UNETLoader's choices, with the same meaning.
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
-CLIP_HINT = "CLIP ViT-L/14 features: Load CLIP with clip_l and type stable_diffusion, then CLIP Text Encode"
 
 
 class UViTLatentFormat(comfy.latent_formats.SD15):
@@ -70,38 +71,6 @@ class UViTModelConfig(comfy.supported_models_base.BASE):
         return UViTBaseModel(self, device=device)
 
 
-def fit_text_context(context: torch.Tensor, config: UViTConfig) -> torch.Tensor:
-    """A CONDITIONING tensor as this U-ViT takes it: exactly ``text_tokens`` tokens of ``context_dim``.
-
-    ComfyUI encodes a long prompt as several 77-token CLIP chunks (154, 231, ... tokens). U-ViT has
-    position embeddings for one chunk and was trained on captions CLIP truncated to 77 tokens, so
-    the first chunk is used (with a warning) — the same text the training recipe would have seen.
-    A narrower or wider conditioning is another text encoder's and is refused.
-    """
-    if context.ndim != 3:
-        raise UViTInputError(f"U-ViT conditioning must be [batch, tokens, width], got shape {tuple(context.shape)}")
-    tokens, width = context.shape[1], context.shape[2]
-    if width != config.context_dim:
-        hint = CLIP_HINT if config.context_dim == 768 else "the text encoder this U-ViT was trained with"
-        raise UViTInputError(
-            f"the conditioning is {width} wide but this U-ViT takes {config.context_dim}-wide text ({hint}); "
-            "an SDXL, SD2 or T5 text encoder gives other widths"
-        )
-    if tokens < config.text_tokens:
-        raise UViTInputError(
-            f"the conditioning has {tokens} tokens but this U-ViT takes exactly {config.text_tokens} "
-            f"({CLIP_HINT} gives {config.text_tokens})"
-        )
-    if tokens > config.text_tokens:
-        logger.warning(
-            "U-ViT: the prompt is %d tokens long (%s CLIP chunks); this U-ViT reads one chunk of %d tokens, as in "
-            "its training, so only the first %d are used",
-            tokens, f"{tokens / config.text_tokens:g}", config.text_tokens, config.text_tokens,
-        )
-        context = context[:, : config.text_tokens]
-    return context
-
-
 class UViTBaseModel(comfy.model_base.BaseModel):
     """ComfyUI's BaseModel with U-ViT as its diffusion model (ε-prediction, discrete schedule)."""
 
@@ -122,7 +91,7 @@ class UViTBaseModel(comfy.model_base.BaseModel):
 
 def _model_options(weight_dtype: str) -> dict:
     if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+        raise X2IError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     options: dict = {}
     if weight_dtype.startswith("fp8_e4m3fn"):
         options["dtype"] = torch.float8_e4m3fn
@@ -182,7 +151,7 @@ class X2IUViTLoader(X2INode):
                     tooltip="As in Load Diffusion Model: default lets ComfyUI choose; fp8 stores the weights in 8 bits.",
                 ),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The U-ViT as a MODEL for KSampler; text from CLIP Text Encode with clip_l.")],
         )
 
     @classmethod

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,14 @@ def test_ci_runs_the_node_and_workflow_tests_against_the_shared_comfyui():
     assert ci.index("python -m pip install -r requirements-test.txt") < install  # torch pinned before ComfyUI's "torch"
 
 
+def test_ci_opens_the_workflows_in_the_real_frontend():
+    ci = (ROOT / ".ci" / "run").read_text()
+    pytest_at = ci.index("python -m pytest")
+    assert ci.index("apt-get install -y -qq chromium") < pytest_at
+    assert ci.index("npm ci --prefix tests/integration/frontend") < pytest_at
+    assert ci.index("export X2I_REQUIRE_FRONTEND=1") < pytest_at  # a missing browser fails, never skips
+
+
 def test_runtime_requirements_do_not_pin_torch_but_tests_do():
     runtime = (ROOT / "requirements.txt").read_text().splitlines()
     assert not [line for line in runtime if re.match(r"\s*(torch|torchaudio|torchvision)\b", line)]
@@ -64,7 +73,7 @@ def test_pyproject_follows_registry_rules():
 
 def test_model_code_imports_without_comfyui():
     code = (
-        "import sys; sys.path.insert(0, 'tests'); import support; import x2i.gluenet, x2i.encoders, x2i.bridge, x2i.weights, x2i.training.cli, x2i.uvit, x2i.uvit.convert, x2i.uvit.block_conditioning; "
+        "import sys; sys.path.insert(0, 'tests'); import support; import x2i.gluenet, x2i.encoders, x2i.bridge, x2i.weights, x2i.training.cli, x2i.uvit, x2i.uvit.convert, x2i.block_conditioning, x2i.errors, x2i.paths; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -84,3 +93,60 @@ def test_ruff_is_clean():
         pytest.fail("ruff is not installed: python -m pip install -r requirements-test.txt")
     result = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_registry_metadata_and_the_load_time_version_check_agree():
+    import x2i
+
+    comfy = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["comfy"]
+    assert comfy["requires-comfyui"] == f">={x2i.MINIMUM_COMFYUI}"
+    assert comfy["Icon"].endswith("/docs/icon.png") and (ROOT / "docs" / "icon.png").is_file()
+    x2i.check_comfyui_version(x2i.MINIMUM_COMFYUI)
+    x2i.check_comfyui_version("0.4.0")
+    with pytest.raises(ImportError, match=r"needs ComfyUI 0\.3\.64 or newer, but this is ComfyUI 0\.3\.9: .* Update ComfyUI"):
+        x2i.check_comfyui_version("0.3.9")
+
+
+def test_an_older_comfyui_gets_one_clear_message_when_it_loads_the_pack():
+    # What ComfyUI's loader does: `comfy` is imported, then the pack's __init__.py runs.
+    code = (
+        "import sys, types; sys.modules['comfy'] = types.ModuleType('comfy'); "
+        "version = types.ModuleType('comfyui_version'); version.__version__ = '0.3.40'; sys.modules['comfyui_version'] = version; "
+        "sys.path.insert(0, 'tests'); import support"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ImportError: ComfyUI-X2I needs ComfyUI 0.3.64 or newer, but this is ComfyUI 0.3.40: its node API lacks what "
+        "the pack's nodes use. Update ComfyUI (git pull, ComfyUI-Manager's 'Update ComfyUI', or the desktop app's "
+        "updater), then restart."
+    )
+
+
+def test_the_registry_archive_holds_what_users_run_and_no_tests():
+    """The files `comfy node pack` puts in the archive: git-tracked, minus .comfyignore (comfy-cli's matcher)."""
+    from pathspec import PathSpec
+
+    patterns = [line.strip() for line in (ROOT / ".comfyignore").read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    with warnings.catch_warnings():  # pathspec 1 deprecates the "gitwildmatch" that comfy-cli still packs with
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ignored = PathSpec.from_lines("gitwildmatch", patterns)
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tracked = [path for path in tracked if (ROOT / path).is_file()]  # comfy-cli skips what the work tree lacks
+    packed = [path for path in tracked if not ignored.match_file(path)]
+
+    assert not [path for path in packed if path.startswith(("tests/", "bench/", ".ci/"))]
+    runtime = [path for path in tracked if path.endswith(".py") and not path.startswith(("tests/", "bench/"))]
+    assert set(runtime) <= set(packed)
+    assert {path for path in tracked if path.startswith(("workflows/", "locales/", "docs/"))} <= set(packed)
+    assert {"requirements.txt", "requirements-train.txt", "LICENSE", "README.md", "pyproject.toml"} <= set(packed)
+    assert sum((ROOT / path).stat().st_size for path in packed) < 2_000_000
+
+
+def test_nodes_use_a_versioned_node_api():
+    """comfy_api.latest changes without notice; a versioned module keeps its meaning across ComfyUI updates."""
+    sources = {path: path.read_text(encoding="utf-8") for path in [ROOT / "__init__.py", *(ROOT / "nodes").glob("*.py")]}
+    assert not [path for path, text in sources.items() if re.search(r"^\s*(from|import) comfy_api\.latest", text, re.M)]
+    using_the_api = [text for text in sources.values() if "comfy_api" in text]
+    assert using_the_api and all("from comfy_api.v0_0_2 import" in text for text in using_the_api)

@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import trimesh
 from safetensors.torch import save_file
 from transformers import AutoModel, T5EncoderModel
 
@@ -49,6 +45,7 @@ from support.models import (
     write_pixart_lora_vis,
     write_vae_from_checkpoint,
 )
+from support.sample_inputs import BARK_FILE, CHAIR_FILE, write_wav
 from support.sd15_checkpoint import RECIPE_METADATA_KEY, RECIPE_VERSION
 from support.workflow_models import (
     CLIP_FILE,
@@ -216,21 +213,6 @@ def gluegen_models(comfy_models_dir: Path) -> Path:
     return comfy_models_dir
 
 
-def write_wav(path: Path, seconds: float = 2.5, rate: int = 22050, pitch: float = 620.0) -> Path:
-    """A stereo 16-bit bark-like burst pattern at 22.05 kHz (LoadAudio must resample it to 44.1 kHz)."""
-    t = np.arange(int(seconds * rate)) / rate
-    bursts = (np.sin(2 * math.pi * 2.5 * t) > 0.6).astype(np.float64)
-    tone = np.sin(2 * math.pi * pitch * t) * bursts + 0.05 * np.random.default_rng(0).standard_normal(t.size)
-    stereo = np.stack([tone, 0.7 * tone], axis=1)
-    pcm = (stereo / np.abs(stereo).max() * 30000).astype("<i2")
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(2)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm.tobytes())
-    return path
-
-
 @pytest.fixture(scope="session")
 def multimodal_models(comfy_models_dir: Path) -> Path:
     audio_encoders = comfy_models_dir / "audio_encoders"
@@ -249,17 +231,12 @@ def multimodal_models(comfy_models_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def multimodal_inputs(comfy_server: ComfyServer) -> Path:
+    """The server's input folder, holding the sound and point cloud the shipped workflows name: the samples the
+    pack copied there itself when it loaded (workflows/inputs/)."""
     inputs = comfy_server.input_dir
-    inputs.mkdir(parents=True, exist_ok=True)
-    write_wav(inputs / "dog_bark.wav")
-    chair = trimesh.util.concatenate([
-        trimesh.creation.box(extents=(1.0, 0.1, 1.0), transform=trimesh.transformations.translation_matrix((0, 0.5, 0))),
-        trimesh.creation.box(extents=(1.0, 1.0, 0.1), transform=trimesh.transformations.translation_matrix((0, 1.0, -0.45))),
-        *(trimesh.creation.box(extents=(0.1, 0.5, 0.1), transform=trimesh.transformations.translation_matrix((x, 0.25, z)))
-          for x in (-0.45, 0.45) for z in (-0.45, 0.45)),
-    ])
-    points, _ = trimesh.sample.sample_surface(chair, 6000, seed=0)
-    trimesh.PointCloud(points).export(inputs / "chair.ply")
+    for name in (BARK_FILE, CHAIR_FILE):
+        shipped = REPO_ROOT / "workflows" / "inputs" / name
+        assert (inputs / name).read_bytes() == shipped.read_bytes(), f"the pack did not copy its sample {name}"
     return inputs
 
 

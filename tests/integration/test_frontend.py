@@ -8,7 +8,8 @@ per family, shrunk in the frontend's widgets and queued by its Queue command, ma
 
 Needs Chromium (``/usr/bin/chromium`` or ``$X2I_CHROMIUM``), Node.js and ``npm ci`` run in
 tests/integration/frontend; ``.ci/run`` installs them and sets ``X2I_REQUIRE_FRONTEND=1``, which turns a
-missing browser into a failure instead of a skip.
+missing browser into a failure instead of a skip. ``X2I_SCREENSHOTS=<folder>`` also saves each workflow as the
+frontend shows it (the README's pictures come from ``X2I_SCREENSHOTS=docs/images``).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def frontend(gluegen_models, multimodal_models, multimodal_inputs, lavibridge_mo
     plan = {
         "url": comfy_server.url, "chromium": chromium,
         "workflows": [{"name": name, "graph": _graph(name)} for name in [*WORKFLOWS, BROKEN]],
+        "screenshots": str(Path(os.environ["X2I_SCREENSHOTS"]).resolve()) if os.environ.get("X2I_SCREENSHOTS") else None,
         "queue": [{"name": name, "graph": _graph(name), "size": shrunk_size(name), "steps": QUEUED_STEPS} for name in QUEUED],
     }
     result = subprocess.run([node, str(DRIVER)], input=json.dumps(plan), capture_output=True, text=True,

@@ -11,7 +11,7 @@ import torch
 
 from support.comfy_sampling import sample_latent
 from support.sd15_unet import SD15_BLOCKS, SD15_UNET
-from x2i.uvit.block_conditioning import (
+from x2i.block_conditioning import (
     BlockSpecError,
     cross_attention_blocks,
     cross_attention_width,

@@ -6,10 +6,13 @@
 // "missing nodes" dialog shows), the error and warning text it showed (toasts, dialogs, console errors,
 // uncaught exceptions) and `app.graphToPrompt()`'s API prompt; per queued workflow, the answer of the
 // POST /prompt that the frontend's own queue command sent after the sizes were shrunk in its widgets.
+// With `screenshots` (a folder) in the plan, each opened workflow is also saved there as <name>.jpg, fitted
+// to a 1600×900 window: the pictures in the README.
 import { chromium } from "playwright-core";
 
 const READY_TIMEOUT_MS = 120_000;
 const SETTLE_MS = 400; // toasts and dialogs open on the next ticks after loadGraphData resolves
+const VIEWPORT = { width: 1600, height: 900 };
 // The probe's flags: without the background-networking ones Chromium keeps dialling Google on a closed network.
 const CHROMIUM_ARGS = [
   "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -19,6 +22,8 @@ const CHROMIUM_ARGS = [
 // 1.27.10 throws at every start while its navigation mode is "legacy" (the default): that setting's
 // onChange sets Comfy.Canvas.LeftMouseClickBehavior before registering it, with or without this pack.
 const SETTINGS = { "Comfy.TutorialCompleted": true, "Comfy.Canvas.NavigationMode": "custom" };
+// For pictures: node text at any zoom (LiteGraph drops it below 8 px) and no minimap over the graph.
+const SCREENSHOT_SETTINGS = { "LiteGraph.Canvas.MinFontSizeForLOD": 0, "Comfy.Minimap.Visible": false };
 
 async function readStdin() {
   const chunks = [];
@@ -59,7 +64,8 @@ async function main() {
   const browser = await chromium.launch({ executablePath: plan.chromium, args: CHROMIUM_ARGS });
   const report = { opened: {}, queued: {} };
   try {
-    const page = await browser.newPage();
+    // Pictures at 1.5× so node text stays legible in the README.
+    const page = await browser.newPage({ viewport: VIEWPORT, deviceScaleFactor: plan.screenshots ? 1.5 : 1 });
     const problems = [];
     page.on("pageerror", (error) => problems.push(`uncaught: ${error.stack ?? error.message}`));
     page.on("console", (message) => {
@@ -68,7 +74,7 @@ async function main() {
         problems.push(`console: ${message.text()}`);
       }
     });
-    await page.request.post(`${plan.url}/api/settings`, { data: SETTINGS });
+    await page.request.post(`${plan.url}/api/settings`, { data: plan.screenshots ? { ...SETTINGS, ...SCREENSHOT_SETTINGS } : SETTINGS });
     await page.goto(plan.url);
     await page.waitForFunction(() => window.app && window.graph && window.app.vueAppReady, null, { timeout: READY_TIMEOUT_MS });
     // The frontend's own list of missing node types, handed to every extension after a graph loads.
@@ -82,6 +88,11 @@ async function main() {
       const { missing, messages } = await open(page, problems, name, graph);
       const { output } = await page.evaluate(() => window.app.graphToPrompt());
       report.opened[name] = { missing, messages, prompt: output };
+      if (plan.screenshots) {
+        await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.Canvas.FitView"));
+        await page.waitForTimeout(SETTLE_MS);
+        await page.screenshot({ path: `${plan.screenshots}/${name.replace(/\.json$/, "")}.jpg`, type: "jpeg", quality: 80 });
+      }
     }
 
     for (const { name, graph, size, steps } of plan.queue) {
