@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModel, T5EncoderModel
 
-from support.comfy_server import MODEL_FOLDERS, ComfyServer, ServerLayout, start_server
+from support.comfy_server import MODEL_FOLDERS, PACK_NAME, ComfyServer, ServerLayout, start_server
 from support.models import (
     audioclip_full_checkpoint,
     fake_ulip_checkpoint,
@@ -67,7 +67,6 @@ SD15_CHECKPOINT_SCRIPT = HERE.parent / "support" / "sd15_checkpoint.py"
 log = logging.getLogger("x2i.tests.conftest")
 
 REPO_ROOT = HERE.parents[1]
-PACK_NAME = "ComfyUI-X2I"
 SKIP_REASON = "COMFYUI_PATH is not set: integration tests need a ComfyUI checkout (see README)"
 CHECKPOINT_NAME = "sd15_random.safetensors"
 # The name example workflows use, so they run unmodified.

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from support.comfy_server import WORKFLOWS_DIR, ComfyServer
+from support.comfy_server import PACK_NAME, WORKFLOWS_DIR, ComfyServer
 from support.ui_workflow import ui_to_api
 from support.workflow_models import shrunk_size
 
@@ -136,3 +136,15 @@ def test_a_run_queued_in_the_frontend_makes_its_image(name: str, frontend: dict[
     prompt = entry["prompt"][2]
     sampler_steps = [node["inputs"]["steps"] for node in prompt.values() if node["class_type"] == "KSampler"]
     assert sampler_steps and set(sampler_steps) == {QUEUED_STEPS}, sampler_steps
+
+
+def test_the_server_serves_each_nodes_help_page_where_the_frontend_looks(comfy_server: ComfyServer) -> None:
+    """fetchCustomNodeHelp asks /extensions/<pack folder>/docs/<NodeId>/<locale>.md, then <NodeId>.md."""
+    docs = Path(__file__).resolve().parents[2] / "web" / "docs"
+    node_ids = [page.stem for page in docs.glob("*.md")]
+    assert len(node_ids) == 15
+    for node_id in node_ids:
+        status, english = comfy_server._request("GET", f"/extensions/{PACK_NAME}/docs/{node_id}.md")
+        assert (status, english) == (200, (docs / f"{node_id}.md").read_text(encoding="utf-8")), node_id
+        status, chinese = comfy_server._request("GET", f"/extensions/{PACK_NAME}/docs/{node_id}/zh.md")
+        assert (status, chinese) == (200, (docs / node_id / "zh.md").read_text(encoding="utf-8")), node_id

@@ -27,6 +27,8 @@ MODEL_FOLDERS = (
     "checkpoints", "text_encoders", "gluenet", "vae", "loras", "diffusion_models", "audio_encoders",
     "point_encoders", "lavi_bridge",
 )
+# The folder the test server finds the pack in (custom_nodes/<PACK_NAME>), as a git clone names it.
+PACK_NAME = "ComfyUI-X2I"
 STARTUP_TIMEOUT_S = 120.0
 POLL_INTERVAL_S = 0.25
 POLL_TIMEOUT_S = 60.0  # one /history request; wait() keeps polling until its own deadline
