@@ -92,7 +92,7 @@ def check_encoder_folder(folder: Path) -> None:
     if not (folder / CONFIG_FILE).is_file():
         raise TextEncoderFolderError(
             f"{folder.name} has no config.json: put a whole Hugging Face model folder (config, tokenizer and "
-            "weights, as written by save_pretrained or downloaded from the model's page) in models/text_encoders"
+            "weights, as written by save_pretrained or downloaded from the model's page) in models/x2i_text_encoders"
         )
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise TextEncoderFolderError(

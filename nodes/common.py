@@ -30,7 +30,9 @@ X2IEncoder = io.Custom("X2I_ENCODER")
 GlueNetType = io.Custom("GLUENET")
 PointCloudType = io.Custom("POINT_CLOUD")
 
-TEXT_ENCODER_FOLDERS = ("text_encoders", "x2i_text_encoders")
+# Hugging Face folders go in models/x2i_text_encoders, where core loaders (Load CLIP lists text_encoders file by
+# file) never offer their shards; models/text_encoders is read too, after it, for folders already there.
+TEXT_ENCODER_FOLDERS = ("x2i_text_encoders", "text_encoders")
 GLUENET_FOLDER = "gluenet"
 GLUENET_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
 
@@ -64,7 +66,7 @@ def resolve_encoder_folder(relative_name: str) -> str:
     if path is None:
         raise X2IFileNotFoundError(
             f"text encoder folder '{relative_name}' not found in {', '.join(TEXT_ENCODER_FOLDERS)} "
-            "(put Hugging Face model folders in ComfyUI/models/text_encoders)"
+            "(put Hugging Face model folders in ComfyUI/models/x2i_text_encoders)"
         )
     return path
 
@@ -179,8 +181,11 @@ def encoder_with(encoder, method: str, loader: str) -> nn.Module:
     return module
 
 
-def single_gluenet(gluenet) -> LoadedGlueNet:
-    """Sound and point clouds have no language: a router there is a wiring mistake worth naming."""
+def embedding_encoder_and_gluenet(encoder, gluenet, method: str, loader: str) -> tuple[nn.Module, LoadedGlueNet]:
+    """For sound and point clouds: the encoder module (if it can ``method``) and the GlueNet, checked to fit its
+    embedding. They have no language, so a router there is a wiring mistake worth naming."""
+    module = encoder_with(encoder, method, loader)
     if not isinstance(gluenet, LoadedGlueNet):
         raise X2IError("the GlueNet Router chooses by language and is for text: connect an X2I GlueNet Loader here")
-    return gluenet
+    gluenet.patcher.model.check_embedding(module.output_dim, f"encoder '{module.name}'")
+    return module, gluenet

@@ -23,7 +23,7 @@ from .common import (
 
 
 def _load_managed(folder_name: str, dtype: str):
-    """A Hugging Face folder from models/text_encoders, loaded offline and handed to ComfyUI's model management."""
+    """A Hugging Face folder from models/x2i_text_encoders (or models/text_encoders), loaded offline and handed to ComfyUI's model management."""
     module = load_text_encoder(resolve_encoder_folder(folder_name), dtype=encoder_dtype(dtype, mm.text_encoder_device()))
     return encoder_patcher(module)
 
@@ -36,7 +36,7 @@ class X2ITextEncoderLoader(X2INode):
             display_name="X2I Text Encoder Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads a Hugging Face text encoder folder (XLM-Roberta, T5, BERT, CLIP text...) offline "
-            "from models/text_encoders, for GlueNets and LaVi-Bridge adapters.",
+            "from models/x2i_text_encoders, for GlueNets and LaVi-Bridge adapters.",
             inputs=[
                 io.Combo.Input(
                     "encoder_name",
@@ -66,7 +66,7 @@ class X2ILanguageModelLoader(X2INode):
             display_name="X2I Language Model Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads a Hugging Face language model folder (T5, Llama, BERT...) offline from "
-            "models/text_encoders for LaVi-Bridge.",
+            "models/x2i_text_encoders for LaVi-Bridge.",
             inputs=[
                 io.Combo.Input("model_name", options=list_encoder_folders(model_folder_paths(TEXT_ENCODER_FOLDERS)),
                                tooltip="A Hugging Face folder (config.json, tokenizer, weights), e.g. t5-large or Llama-2-7b-hf."),

@@ -36,6 +36,23 @@ def test_loaders_list_the_installed_files(pack, installed):
     assert "gluenet_French_clip_overnorm_over3_noln.ckpt" in gluenet_inputs[0].options
 
 
+def test_hugging_face_folders_live_apart_from_core_loaders_lists(pack, comfy, tiny_xlmr):
+    """models/x2i_text_encoders keeps a folder's shards out of core Load CLIP's list, and wins over a folder of the
+    same name that was put in models/text_encoders before it existed."""
+    folder_paths, models = comfy["folder_paths"], comfy["models"]
+    shutil.copytree(tiny_xlmr, models / "x2i_text_encoders" / "xlmr-apart", dirs_exist_ok=True)
+    (models / "text_encoders" / "xlmr-apart").mkdir(exist_ok=True)
+    (models / "text_encoders" / "xlmr-apart" / "config.json").write_text("{}")  # an older copy, broken
+
+    listed = pack.X2ITextEncoderLoader.define_schema().inputs[0].options
+    core = folder_paths.get_filename_list("text_encoders")
+
+    assert "xlmr-apart" in listed
+    assert not [name for name in core if name.startswith("xlmr-apart/")]  # the core list never sees its files
+    encoder = pack.X2ITextEncoderLoader.execute("xlmr-apart", "fp32").result[0]
+    assert encoder.model.hidden_size == 64  # the working copy in x2i_text_encoders, not the broken one
+
+
 def test_text_encode_node_equals_the_official_math(pack, installed, small_text_gluenet_state, tiny_xlmr):
     encoder = pack.X2ITextEncoderLoader.execute("xlm-roberta-tiny", "auto").result[0]
     gluenet = pack.X2IGlueNetLoader.execute("gluenet_French_clip_overnorm_over3_noln.ckpt", "from file").result[0]
