@@ -38,6 +38,8 @@ def describe_keys(keys: Iterable[str], limit: int = 5) -> str:
 
 # torch.load(weights_only=True) runs code from a crafted file before torch 2.6 (CVE-2025-32434).
 SAFE_PICKLE_TORCH = (2, 6)
+# What torch.save writes under the names checkpoints are released with.
+TORCH_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def torch_reads_pickles_safely(version: str | None = None) -> bool:

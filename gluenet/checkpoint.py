@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from ..errors import X2IError
 from ..weights import (
+    TORCH_PICKLE_SUFFIXES,
     build_and_load,
     describe_keys,
     read_torch_checkpoint,
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "x2i.gluenet"
 FORMAT_VERSION = "1"
-TORCH_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SUFFIXES = (".safetensors", *TORCH_PICKLE_SUFFIXES)
 
 # Language names as they appear in released file names (gluenet_French_clip_...), to ISO 639-1.

@@ -25,10 +25,9 @@ from .common import (
     LoadedGlueNet,
     X2IEncoder,
     X2INode,
+    embedding_encoder_and_gluenet,
     encoder_dtype,
     encoder_patcher,
-    encoder_with,
-    single_gluenet,
     translate_to_conditioning,
 )
 
@@ -90,9 +89,7 @@ class X2IGlueGenAudioEncode(X2INode):
 
     @classmethod
     def execute(cls, encoder, gluenet: LoadedGlueNet, audio: dict) -> io.NodeOutput:
-        audio_encoder = encoder_with(encoder, "encode_audio", "X2I Audio Encoder Loader")
-        gluenet = single_gluenet(gluenet)
-        gluenet.patcher.model.check_embedding(audio_encoder.output_dim, f"encoder '{audio_encoder.name}'")
+        audio_encoder, gluenet = embedding_encoder_and_gluenet(encoder, gluenet, "encode_audio", "X2I Audio Encoder Loader")
         waveform, sample_rate = audio["waveform"], int(audio["sample_rate"])
         return io.NodeOutput(
             translate_to_conditioning(encoder, gluenet, lambda: audio_encoder.encode_audio(waveform, sample_rate))

@@ -25,10 +25,9 @@ from .common import (
     PointCloudType,
     X2IEncoder,
     X2INode,
+    embedding_encoder_and_gluenet,
     encoder_dtype,
     encoder_patcher,
-    encoder_with,
-    single_gluenet,
     translate_to_conditioning,
 )
 
@@ -144,9 +143,7 @@ class X2IGlueGenPointCloudEncode(X2INode):
 
     @classmethod
     def execute(cls, encoder, gluenet: LoadedGlueNet, point_cloud: PointCloud) -> io.NodeOutput:
-        point_encoder = encoder_with(encoder, "encode_points", "X2I Point Cloud Encoder Loader")
-        gluenet = single_gluenet(gluenet)
-        gluenet.patcher.model.check_embedding(point_encoder.output_dim, f"encoder '{point_encoder.name}'")
+        point_encoder, gluenet = embedding_encoder_and_gluenet(encoder, gluenet, "encode_points", "X2I Point Cloud Encoder Loader")
         # A colour encoder given an xyz-only cloud gets ULIP's own grey, as ULIP does for ModelNet40.
         points = point_cloud.to_tensor()
         return io.NodeOutput(

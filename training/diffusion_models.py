@@ -27,7 +27,13 @@ from torch import nn
 
 from ..bridge.lora import LoraTarget, UNetStructure, pixart_lora_targets, unet_lora_targets
 from ..errors import X2IError
-from ..weights import describe_keys, read_torch_checkpoint, state_dict_mismatch, unwrap_state_dict
+from ..weights import (
+    TORCH_PICKLE_SUFFIXES,
+    describe_keys,
+    read_torch_checkpoint,
+    state_dict_mismatch,
+    unwrap_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +64,7 @@ SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
 }
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", *TORCH_PICKLE_SUFFIXES)
 # An SD1.x file's first cross-attention key projection: [320, context width].
 _ATTN2_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 _CONV_IN = "input_blocks.0.0.weight"

@@ -37,6 +37,7 @@ from safetensors import safe_open
 
 from ..errors import X2IError
 from ..weights import (
+    TORCH_PICKLE_SUFFIXES,
     describe_keys,
     read_torch_checkpoint,
     save_safetensors_atomic,
@@ -50,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "x2i.uvit"
 FORMAT_VERSION = "1"
-TORCH_PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 SUFFIXES = (".safetensors", *TORCH_PICKLE_SUFFIXES)
 
 LAYOUT_PACK = "x2i"

@@ -26,18 +26,10 @@ from x2i.bridge.lora import (
     text_lora_targets,
     unet_lora_targets,
 )
+from x2i.training.diffusion_models import SD1_UNET_CONFIG  # diffusers config of SD1.5's U-Net
 
 GOLDEN = DATA_DIR / "lavibridge_lora_golden.safetensors"
 
-# diffusers config.json of SD1.5's U-Net (runwayml/stable-diffusion-v1-5/unet), fields that shape it.
-SD15_UNET_CONFIG = {
-    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False, "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 # PixArt-alpha/PixArt-XL-2-512x512 transformer/config.json.
 PIXART_512_CONFIG = {
     "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 72, "caption_channels": 4096,
@@ -87,11 +79,11 @@ def save_released(pairs, path: Path) -> Path:
 def test_sd15_unet_targets_match_the_official_traversal_exactly():
     import diffusers  # in requirements-test.txt: the real diffusers traversal is the reference
     with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel(**SD15_UNET_CONFIG)
+        unet = diffusers.UNet2DConditionModel(**SD1_UNET_CONFIG)
     assert [n for n, _ in unet.named_children()][:6] == [
         "conv_in", "time_proj", "time_embedding", "down_blocks", "up_blocks", "mid_block"
     ]
-    targets = unet_lora_targets(SD15_UNET_CONFIG)
+    targets = unet_lora_targets(SD1_UNET_CONFIG)
     assert as_triples(targets) == official_order(unet, OFFICIAL_UNET_TARGET_CLASSES)
     assert as_triples(unet_lora_targets()) == as_triples(targets)  # SD1.x is the default
     assert len(targets) == 224
