@@ -11,7 +11,11 @@ import warnings
 from pathlib import Path
 
 import pytest
-import tomllib
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: tomli, which requirements-train.txt installs there
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +49,21 @@ def test_ci_opens_the_workflows_in_the_real_frontend():
     assert ci.index("apt-get install -y -qq chromium") < pytest_at
     assert ci.index("npm ci --prefix tests/integration/frontend") < pytest_at
     assert ci.index("export X2I_REQUIRE_FRONTEND=1") < pytest_at  # a missing browser fails, never skips
+
+
+def test_ci_runs_the_compatibility_slice_after_the_main_suite():
+    """The oldest supported transformers in a venv of its own (keeping torch), and Python 3.10 and 3.13."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert ci.index(".ci/compat") > ci.index("python -m pytest")
+    compat = (ROOT / ".ci" / "compat").read_text()
+    assert "python -m venv --system-site-packages" in compat  # torch and ComfyUI's requirements stay the main run's
+    assert '-m pip install -q -r requirements-compat.txt' in compat
+    assert "for minor in 3.10 3.13; do" in compat and ".ci/python_versions.py" in compat
+    slice_ = compat[compat.index("-m pytest"):]
+    for folder in ("tests/gluenet", "tests/encoders", "tests/bridge", "tests/uvit", "tests/nodes", "tests/test_weights.py"):
+        assert folder in slice_
+    assert "tests/training" not in slice_ and "tests/integration" not in slice_  # the trainer is supported on transformers 5 only
+    assert "/.compat/" in (ROOT / ".gitignore").read_text().splitlines()  # the venv stays out of git and ruff
 
 
 def test_runtime_requirements_do_not_pin_torch_but_tests_do():

@@ -49,9 +49,11 @@ def official_t5(folder: Path, prompts: list[str], max_length: int, with_mask: bo
 
 
 def official_llama(folder: Path, prompts: list[str], dtype: torch.dtype):
-    from transformers import LlamaForCausalLM, LlamaTokenizer
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    tokenizer = LlamaTokenizer.from_pretrained(folder)
+    # AutoTokenizer: the folder's tokenizer.json in every transformers (4's LlamaTokenizer class is the
+    # sentencepiece one, which needs a tokenizer.model the tiny folder does not have).
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     tokenizer.pad_token = "[PAD]"
     # Llama-2's tokenizer pads on the right (the slow LlamaTokenizer the script used, and the hub

@@ -104,7 +104,7 @@ def test_model_folder_names_cannot_leave_their_folders_and_symlinks_inside_them_
         for name in climbing_names(world, "xlm-roberta-outside"):
             assert f"{name_input}: " in comfy_refuses(node_id, **{name_input: name, "dtype": "auto"})
         comfy_accepts(node_id, **{name_input: "xlm-roberta-linked", "dtype": "auto"})
-    with pytest.raises(FileNotFoundError, match="not found in text_encoders"):
+    with pytest.raises(FileNotFoundError, match="not found in x2i_text_encoders, text_encoders"):
         pack.X2ITextEncoderLoader.execute(climbing_names(world, "xlm-roberta-outside")[0], "auto")
     encoder = pack.X2ITextEncoderLoader.execute("xlm-roberta-linked", "auto").result[0]
     assert encoder.model.hidden_size == 64

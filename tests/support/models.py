@@ -54,16 +54,52 @@ def train_sentencepiece(vocab_size: int = 320, model_type: str = "unigram") -> s
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
+def _sentencepiece_vocab(specials: list[str]) -> list[tuple[str, float]]:
+    """The trained unigram pieces with their scores, after ``specials`` (sentencepiece's own <unk>/<s>/</s> dropped)."""
+    sp = train_sentencepiece()
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    return [(token, 0.0) for token in specials] + [(p, s) for p, s in pieces if p not in ("<unk>", "<s>", "</s>")]
+
+
+def write_tokenizer_folder(folder: Path, tokenizer, tokenizer_class: str, **config) -> Path:
+    """``tokenizer.json`` (a ``tokenizers.Tokenizer``) and ``tokenizer_config.json`` naming the model's tokenizer
+    class, as Hugging Face model folders ship them. Written with the ``tokenizers`` library, not a transformers
+    constructor: transformers 4 and 5 take different constructor arguments (4's slow classes want a
+    sentencepiece file and protobuf to convert it), but both load this folder with ``AutoTokenizer``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    settings = {"tokenizer_class": tokenizer_class, "model_max_length": 1000000000000000019884624838656, **config}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    return folder
+
+
+def _unigram_tokenizer(vocab: list[tuple[str, float]], unk: str, single: str, pair: str, specials: list[str]):
+    """A sentencepiece-style unigram ``tokenizers.Tokenizer`` (Metaspace ▁, as transformers converts XLM-R's and T5's)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = [token for token, _ in vocab]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=tokens.index(unk), byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    used = sorted({word for word in (single + " " + pair).split() if not word.startswith("$")})
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(token, tokens.index(token)) for token in used]
+    )
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    return tokenizer
+
+
 def make_xlm_roberta_folder(folder: Path, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
     """A tiny XLM-Roberta folder (tokenizer + random weights) laid out like xlm-roberta-large's."""
-    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizer
+    from transformers import XLMRobertaConfig, XLMRobertaModel
 
-    sp = train_sentencepiece()
     # fairseq layout used by XLM-R: <s>, <pad>, </s>, <unk>, then the sentencepiece pieces, <mask> last.
-    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    pieces = [(p, s) for p, s in pieces if p not in ("<unk>", "<s>", "</s>")]
-    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces, ("<mask>", 0.0)]
-    tokenizer = XLMRobertaTokenizer(vocab=vocab)
+    vocab = [*_sentencepiece_vocab(["<s>", "<pad>", "</s>", "<unk>"]), ("<mask>", 0.0)]
+    tokenizer = _unigram_tokenizer(
+        vocab, "<unk>", "<s> $A </s>", "<s> $A </s> </s> $B </s>", ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
     config = XLMRobertaConfig(
         vocab_size=len(vocab),
         hidden_size=hidden,
@@ -80,19 +116,19 @@ def make_xlm_roberta_folder(folder: Path, hidden: int = 64, layers: int = 2, hea
     model = XLMRobertaModel(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    write_tokenizer_folder(
+        folder, tokenizer, "XLMRobertaTokenizer", bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+    )
     return folder
 
 
 def make_t5_encoder_folder(folder: Path, d_model: int = 48, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
     """A tiny T5 (v1.1-style, gated-gelu) folder saved as a full encoder-decoder, like google/t5-v1_1-*."""
-    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    sp = train_sentencepiece()
-    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    pieces = [(p, s) for p, s in pieces if p not in ("<unk>", "<s>", "</s>")]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    vocab = _sentencepiece_vocab(["<pad>", "</s>", "<unk>"])
+    tokenizer = _unigram_tokenizer(vocab, "<unk>", "$A </s>", "$A </s> $B </s>", ["<pad>", "</s>", "<unk>"])
     config = T5Config(
         vocab_size=len(vocab),
         d_model=d_model,
@@ -110,7 +146,7 @@ def make_t5_encoder_folder(folder: Path, d_model: int = 48, layers: int = 2, hea
     model = T5ForConditionalGeneration(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    write_tokenizer_folder(folder, tokenizer, "T5Tokenizer", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
     return folder
 
 
@@ -358,19 +394,32 @@ def write_lavibridge_folder(
 
 def make_llama_folder(folder: Path, hidden: int = 32, seed: int = 0, add_bos_token: bool = True) -> Path:
     """A tiny Llama (CausalLM checkpoint + BPE tokenizer with Llama-2's <unk>/<s>/</s> = 0/1/2,
-    add_bos_token True, add_eos_token False, no pad token), written with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    add_bos_token True, add_eos_token False, no pad token): weights with save_pretrained, tokenizer.json with
+    the tokenizers library."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     bpe.train_from_iterator(CORPUS * 5, trainer)
     model_json = json.loads(bpe.to_str())["model"]
-    tokenizer = LlamaTokenizer(
-        vocab=model_json["vocab"], merges=[tuple(m) for m in model_json["merges"]],
-        add_bos_token=add_bos_token, add_eos_token=False,
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
+    # Llama-2's tokenizer.json: byte-fallback BPE, "▁" prepended to the first word only, <s> before the text. No
+    # unk token in the model (as transformers 5 writes it), so a character outside this tiny vocabulary (which has
+    # no <0x..> byte pieces) is dropped in every transformers version alike.
+    tokenizer = Tokenizer(models.BPE(vocab=model_json["vocab"], merges=merges, unk_token=None, fuse_unk=True, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
+    bos = model_json["vocab"]["<s>"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s>:0 $A:0" if add_bos_token else "$A:0",
+        pair="<s>:0 $A:0 <s>:1 $B:1" if add_bos_token else "$A:0 $B:1",
+        special_tokens=[("<s>", bos)] if add_bos_token else [],
+    )
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in ("<unk>", "<s>", "</s>")])
     config = LlamaConfig(
         vocab_size=len(model_json["vocab"]), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
@@ -379,7 +428,10 @@ def make_llama_folder(folder: Path, hidden: int = 32, seed: int = 0, add_bos_tok
     model = LlamaForCausalLM(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    write_tokenizer_folder(
+        folder, tokenizer, "LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        add_bos_token=add_bos_token, add_eos_token=False, clean_up_tokenization_spaces=False, legacy=False,
+    )
     return folder
 
 
