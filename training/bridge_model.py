@@ -110,6 +110,12 @@ class BridgeTrainingModel(nn.Module):
             for name, module in self.named_modules():
                 if isinstance(module, nn.Dropout) and "lora_dropout" not in name and not name.startswith("adapter."):
                     module.eval()
+            # Attention dropout that transformers applies functionally while the attention module trains (T5's
+            # ``dropout``, Llama's ``attention_dropout``): no nn.Dropout to put in eval mode, so its rate goes to 0.
+            for module in self.language_model.modules():
+                for rate in ("dropout", "attention_dropout"):
+                    if isinstance(getattr(module, rate, None), float):
+                        setattr(module, rate, 0.0)
         return self
 
     # -- pieces ------------------------------------------------------------------------------------------

@@ -130,8 +130,22 @@ def test_a_longer_block_conditioning_is_exact_by_repetition(pack, unet):
     doubled = torch.cat([positive, positive], dim=1)
     out = sample(patched(pack, unet, doubled, "input,middle,output"), positive, negative, steps=2)
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
-    long_positive = torch.cat([positive, text(4)], dim=1)  # and a long KSampler prompt with a one-chunk block text
-    sample(patched(pack, unet, text(3)), long_positive, negative, steps=1)
+    # A long KSampler prompt (154 tokens) with a one-chunk block text: the middle block's positive rows see
+    # the block text repeated to 154 tokens, every other block the long prompt, the negative rows (repeated
+    # by ComfyUI to 154) the negative everywhere.
+    long_positive, block_text = torch.cat([positive, text(4)], dim=1), text(3)
+    model = patched(pack, unet, block_text)
+    capture = Capture()
+    model.set_model_attn2_patch(capture)
+    out = sample(model, long_positive, negative, steps=1)
+    assert capture.blocks() == list(SD15_BLOCKS) and torch.isfinite(out).all()
+    for block, flags, context in capture.calls:
+        assert sorted(flags) == [0, 1] and context.shape == (4, 154, 768)
+        for chunk, flag in enumerate(flags):
+            expected = negative if flag == 1 else block_text if block == ("middle", 0) else None
+            expected = long_positive if expected is None else torch.cat([expected, expected], dim=1)
+            torch.testing.assert_close(context[2 * chunk : 2 * chunk + 2], expected.expand(2, -1, -1), rtol=0, atol=0,
+                                       msg=f"{block} chunk {flag}")
 
 
 def test_without_cfg_only_the_positive_runs_and_is_patched(pack, unet):

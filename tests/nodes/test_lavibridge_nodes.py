@@ -10,6 +10,17 @@ import pytest
 import torch
 from transformers import T5EncoderModel
 
+from support.lora_patches import (
+    assert_lora_merged,
+    assert_state_equal,
+    identity_weight_map,
+    official_pixart_names,
+    official_sd1_names,
+    official_text_names,
+    pixart_weight_map,
+    sd1_weight_map,
+    snapshot,
+)
 from support.models import write_lavibridge_folder
 from support.sd15_unet import SD15_UNET, seeded_weight
 from x2i.bridge import LaViBridgeRecipe, encode_for_bridge, load_adapter, read_lora_pairs, unet_lora_targets
@@ -40,28 +51,37 @@ def bridge_files(comfy, tiny_t5):
     return write_lavibridge_folder(models / "lavi_bridge" / "t5_unet", t5, "t5", adapter_in=t5.config.d_model)
 
 
-def test_unet_lora_patches_merge_exactly_and_stack(pack, sd15_model, bridge_files):
+def assert_bridge_merges_exactly_and_unloads(model, lm, bridged, bridge, vision: dict, unet_strength: float, text: dict,
+                                             text_strength: float, weight_map) -> None:
+    """Loaded, every vision LoRA target of ``bridged`` (``vision``: official module name -> (up, down), in the
+    official order) is W + unet_strength * up @ down against the full tensor, every other tensor of the
+    diffusion model unchanged, and the same for the language model's text LoRA; unloaded, both whole
+    state dicts are the originals again, bit for bit."""
     import comfy.model_management as mm
 
+    unet_before, lm_before = snapshot(model.model.diffusion_model.state_dict()), snapshot(lm.model.state_dict())
+    mm.load_models_gpu([bridged, bridge.language_model])
+    try:
+        assert_lora_merged(unet_before, bridged.model.diffusion_model.state_dict(), list(vision), list(vision.values()),
+                           unet_strength, weight_map)
+        assert_lora_merged(lm_before, bridge.language_model.model.state_dict(), list(text), list(text.values()), text_strength,
+                           identity_weight_map(list(text), prefix="transformer."))
+    finally:  # a failure leaves no patched model behind for the next test
+        mm.unload_all_models()
+    assert_state_equal(model.model.diffusion_model.state_dict(), unet_before, "the U-Net after unloading")
+    assert_state_equal(lm.model.state_dict(), lm_before, "the language model after unloading")
+
+
+def test_unet_lora_patches_merge_exactly_and_stack(pack, sd15_model, bridge_files):
     lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
     assert "t5_unet" in pack.X2ILaViBridgeLoader.define_schema().inputs[2].options
-    before = {k: v.clone() for k, v in sd15_model.model.diffusion_model.state_dict().items()}
     bridged, bridge = pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_unet", 0.7, 0.5).result
     assert bridged is not sd15_model and len(bridged.patches) == 224
-    pairs = read_lora_pairs(bridge_files / "lora_vis.pt")
-    targets = unet_lora_targets()
-    mm.load_models_gpu([bridged])
-    after = bridged.model.diffusion_model.state_dict()
-    checks = {
-        5: "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",  # down_blocks.0...attn2.to_k
-        len(targets) - 1: "middle_block.2.out_layers.3.weight",  # mid_block.resnets.1.conv2
-    }
-    for index, key in checks.items():
-        up, down = (t.float() for t in pairs[index])
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(before[key].shape)
-        torch.testing.assert_close(after[key], before[key] + 0.7 * delta, atol=1e-6, rtol=1e-5)
-    mm.unload_all_models()
-    torch.testing.assert_close(sd15_model.model.diffusion_model.state_dict()[checks[5]], before[checks[5]])
+    names, text_names = official_sd1_names(), official_text_names(lm.model.transformer, "t5")
+    vision = dict(zip(names, read_lora_pairs(bridge_files / "lora_vis.pt"), strict=True))  # the release's positional order
+    text = dict(zip(text_names, read_lora_pairs(bridge_files / "lora_text.pt"), strict=True))
+    assert_bridge_merges_exactly_and_unloads(sd15_model, lm, bridged, bridge, vision, 0.7, text, 0.5,
+                                             sd1_weight_map(sd15_model.model.model_config.unet_config))
 
 
 def test_text_encode_is_the_official_path_through_the_bridged_language_model(pack, sd15_model, bridge_files):
@@ -149,32 +169,19 @@ def pixart_model(comfy):
 
 
 def test_pixart_bridge_lands_on_fused_qkv_and_drops_padding(pack, comfy, pixart_model, sd15_model, bridge_files, tiny_t5):
-    import comfy.model_management as mm
-
-    from x2i.bridge import pixart_lora_targets
-
     t5 = T5EncoderModel.from_pretrained(tiny_t5)
     folder = write_lavibridge_folder(comfy["models"] / "lavi_bridge" / "t5_transformer", t5, "t5", adapter_in=t5.config.d_model,
                                      seed=7, pixart=True)
     lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
-    before = {k: v.clone() for k, v in pixart_model.model.diffusion_model.state_dict().items()}
-    bridged, bridge = pack.X2ILaViBridgeLoader.execute(pixart_model, lm, "t5_transformer", 0.5, 1.0).result
+    bridged, bridge = pack.X2ILaViBridgeLoader.execute(pixart_model, lm, "t5_transformer", 0.5, 0.8).result
     # 8 LoRA layers per block land on 5 ComfyUI weights: q, k, v share the fused qkv, k and v the fused kv.
     assert len(bridged.patches) == 5 * 28
     assert len(bridged.patches["diffusion_model.blocks.0.attn.qkv.weight"]) == 3
     assert len(bridged.patches["diffusion_model.blocks.0.cross_attn.kv_linear.weight"]) == 2
-    pairs = read_lora_pairs(folder / "lora_vis.pt")
-    names = [t.name for t in pixart_lora_targets()]
-    mm.load_models_gpu([bridged])
-    after = bridged.model.diffusion_model.state_dict()
-    for name, key, rows in [
-        ("transformer_blocks.3.attn1.to_k", "blocks.3.attn.qkv.weight", slice(1152, 2304)),
-        ("transformer_blocks.3.attn2.to_v", "blocks.3.cross_attn.kv_linear.weight", slice(1152, 2304)),
-        ("transformer_blocks.27.attn2.to_out.0", "blocks.27.cross_attn.proj.weight", slice(0, 1152)),
-    ]:
-        up, down = (t.float() for t in pairs[names.index(name)])
-        torch.testing.assert_close(after[key][rows], before[key][rows] + 0.5 * (up @ down), atol=1e-6, rtol=1e-5)
-    mm.unload_all_models()
+    vision = dict(zip(official_pixart_names(28), read_lora_pairs(folder / "lora_vis.pt"), strict=True))
+    text = dict(zip(official_text_names(lm.model.transformer, "t5"), read_lora_pairs(folder / "lora_text.pt"), strict=True))
+    # Each of q / k / v (k / v) checked as its own row block of the fused weight, against its own pair.
+    assert_bridge_merges_exactly_and_unloads(pixart_model, lm, bridged, bridge, vision, 0.5, text, 0.8, pixart_weight_map(PIXART_ALPHA))
     (conditioning,) = pack.X2ILaViBridgeTextEncode.execute(bridge, "a cat", False).result
     tokens = conditioning[0][0]
     tokenized = encode_for_bridge(LaViBridgeRecipe.T5_TRANSFORMER, lm.model, lm.model.tokenizer, ["a cat"])[1]
@@ -279,23 +286,13 @@ def test_trained_sd1_bridge_patches_merge_exactly_and_conditioning_is_the_traine
     from x2i.bridge import load_trained_bridge, map_lora_pairs, merged_state, text_lora_targets
 
     lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
-    before = {k: v.clone() for k, v in sd15_model.model.diffusion_model.state_dict().items()}
     bridged, bridge = pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_sd15_trained.safetensors", 0.7, 1.0).result
     assert bridged is not sd15_model and len(bridged.patches) == 224 and bridge.recipe == LaViBridgeRecipe.T5_UNET
     trained = load_trained_bridge(trained_files["sd1"])
-    targets = unet_lora_targets()
-    mm.load_models_gpu([bridged])
-    after = bridged.model.diffusion_model.state_dict()
-    checks = {
-        5: "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",  # down_blocks.0...attn2.to_k
-        len(targets) - 1: "middle_block.2.out_layers.3.weight",  # mid_block.resnets.1.conv2
-    }
-    for index, key in checks.items():
-        up, down = (t.float() for t in trained.vision_lora[targets[index].name])  # by name: the file's order is the official one
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(before[key].shape)
-        torch.testing.assert_close(after[key], before[key] + 0.7 * delta, atol=1e-6, rtol=1e-5)
-    mm.unload_all_models()
-    torch.testing.assert_close(sd15_model.model.diffusion_model.state_dict()[checks[5]], before[checks[5]])
+    names, text_names = official_sd1_names(), official_text_names(lm.model.transformer, "t5")
+    assert list(trained.vision_lora) == names and list(trained.text_lora) == text_names  # the file's order is the official one
+    assert_bridge_merges_exactly_and_unloads(sd15_model, lm, bridged, bridge, trained.vision_lora, 0.7, trained.text_lora, 1.0,
+                                             sd1_weight_map(sd15_model.model.model_config.unet_config))
 
     prompt = "a red cube on a blue sphere"
     assert len(bridge.language_model.patches) == len(trained.text_lora)
@@ -330,9 +327,8 @@ def test_trained_bridge_without_text_lora_leaves_the_language_model_alone(pack, 
 
 
 def test_trained_bridge_for_another_diffusion_model_is_refused(pack, sd15_model, pixart_model, trained_files):
-    import comfy.model_management as mm
 
-    from x2i.bridge import LaViBridgeFileError, load_trained_bridge, pixart_lora_targets
+    from x2i.bridge import LaViBridgeFileError, load_trained_bridge
 
     lm = pack.X2ILanguageModelLoader.execute("t5-large", "fp32").result[0]
     with pytest.raises(LaViBridgeFileError, match=r"t5_pixart_trained.safetensors is a LaVi-Bridge trained for PixArt-XL-2 "
@@ -340,13 +336,10 @@ def test_trained_bridge_for_another_diffusion_model_is_refused(pack, sd15_model,
         pack.X2ILaViBridgeLoader.execute(sd15_model, lm, "t5_pixart_trained.safetensors", 1.0, 1.0)
     with pytest.raises(LaViBridgeFileError, match=r"trained for an SD1.x U-Net .*diffusion_model 'sd1'.*connected MODEL is PixArt-XL-2"):
         pack.X2ILaViBridgeLoader.execute(pixart_model, lm, "t5_sd15_trained.safetensors", 1.0, 1.0)
-    # On PixArt the same file lands on ComfyUI's fused qkv / kv weights.
-    before = pixart_model.model.diffusion_model.state_dict()["blocks.3.attn.qkv.weight"].clone()
+    # On PixArt the same file lands on ComfyUI's fused qkv / kv weights, each of q, k, v on its own rows.
     bridged, bridge = pack.X2ILaViBridgeLoader.execute(pixart_model, lm, "t5_pixart_trained.safetensors", 0.5, 1.0).result
     assert len(bridged.patches) == 5 * 28 and bridge.recipe == LaViBridgeRecipe.T5_TRANSFORMER
-    up, down = (t.float() for t in load_trained_bridge(trained_files["pixart"]).vision_lora["transformer_blocks.3.attn1.to_k"])
-    assert "transformer_blocks.3.attn1.to_k" in [t.name for t in pixart_lora_targets()]
-    mm.load_models_gpu([bridged])
-    after = bridged.model.diffusion_model.state_dict()["blocks.3.attn.qkv.weight"]
-    torch.testing.assert_close(after[1152:2304], before[1152:2304] + 0.5 * (up @ down), atol=1e-6, rtol=1e-5)
-    mm.unload_all_models()
+    trained = load_trained_bridge(trained_files["pixart"])
+    assert list(trained.vision_lora) == official_pixart_names(28)
+    assert_bridge_merges_exactly_and_unloads(pixart_model, lm, bridged, bridge, trained.vision_lora, 0.5, trained.text_lora, 1.0,
+                                             pixart_weight_map(PIXART_ALPHA))

@@ -74,20 +74,37 @@ def test_point_cloud_loader_and_encoder(pack, comfy, sound_files, tmp_path):
     assert output.ui is not None
     encoder = pack.X2IPointCloudEncoderLoader.execute("ulip2.pt", "fp32").result[0]
     assert encoder.model.in_channels == 6  # colour model: the xyz-only ball gets ULIP's grey
-    save_gluenet(GlueNet(GlueNetConfig("translator_w_head", num_tokens=20, num_tokens_out=77, in_dim=64, out_dim=768, depth=3)),
-         comfy["models"] / "gluenet" / "gluenet_ulip2.safetensors")
+    torch.manual_seed(4)
+    net = GlueNet(GlueNetConfig("translator_w_head", num_tokens=20, num_tokens_out=77, in_dim=64, out_dim=768, depth=3))
+    save_gluenet(net, comfy["models"] / "gluenet" / "gluenet_ulip2.safetensors")
     gluenet = pack.X2IGlueNetLoader.execute("gluenet_ulip2.safetensors", "from file").result[0]
     (conditioning,) = pack.X2IGlueGenPointCloudEncode.execute(encoder, gluenet, cloud).result
-    assert conditioning[0][0].shape == (1, 77, 768) and torch.isfinite(conditioning[0][0]).all()
+    tokens = conditioning[0][0]
+    # Reference: ULIP's PointBERT embedding (L2-normalised, the grey colour), as [1, 20, 64] tokens through the
+    # GlueNet, x tensor_norm / 2 (the official scaling, typed independently).
+    with torch.no_grad():
+        embedding = encoder.model.encode_points(cloud.to_tensor().unsqueeze(0), normalize=False).cpu()
+        embedding = embedding / embedding.norm(dim=-1, keepdim=True)
+        expected = net.eval()(embedding.reshape(1, 20, 64)) * reference_tensor_norm_half()
+    torch.testing.assert_close(tokens, expected, atol=2e-4, rtol=1e-4)
+    trimesh.creation.box(extents=(2.0, 0.5, 1.0)).export(tmp_path / "box.obj")
+    box = pack.X2IPointCloudLoader.execute("box.obj", 4096, "y").result[0]  # another shape, another conditioning
+    (other,) = pack.X2IGlueGenPointCloudEncode.execute(encoder, gluenet, box).result
+    assert (other[0][0] - tokens).abs().max() > 1e-3
     assert pack.X2IPointCloudLoader.validate_inputs(file="missing.ply", surface_points=4096, preview_up_axis="y").startswith("point cloud file 'missing.ply' not found")
 
 
 def test_top_k_fusion_node_keeps_options_and_fuses_each_entry(pack):
-    a = [[torch.ones(1, 77, 8), {"area": (8, 8, 0, 0)}], [torch.zeros(1, 77, 8), {}]]
-    b = [[torch.full((1, 77, 8), 3.0), {}]]
-    (fused,) = pack.X2ITopKFusion.execute(a, b, 4).result
-    assert len(fused) == 2 and fused[0][1] == {"area": (8, 8, 0, 0)} and fused[0][1] is not a[0][1]
-    assert torch.equal(fused[0][0][:, :4], a[0][0][:, :4]) and torch.equal(fused[0][0][:, 4:8], b[0][0][:, :4])
-    assert torch.allclose(fused[1][0][:, 8:], torch.full((1, 69, 8), 1.5))
+    g = torch.Generator().manual_seed(0)
+    a = [[torch.randn(1, 77, 768, generator=g), {"area": (8, 8, 0, 0)}], [torch.randn(1, 77, 768, generator=g), {}]]
+    b = [[torch.randn(1, 77, 768, generator=g), {}]]
+    k = 5
+    (fused,) = pack.X2ITopKFusion.execute(a, b, k).result
+    assert len(fused) == 2 and fused[0][1] == {"area": (8, 8, 0, 0)} and fused[0][1] is not a[0][1] and fused[1][1] == {}
+    for (tokens, _), (a_tokens, _) in zip(fused, a, strict=True):  # every one of the 77 tokens, by value
+        x, y = a_tokens[0], b[0][0][0]
+        torch.testing.assert_close(tokens[0], torch.cat([x[:k], y[:k], (x[2 * k:] + y[2 * k:]) / 2]), rtol=0, atol=0)
+    (whole,) = pack.X2ITopKFusion.execute(a[:1], b, 0).result  # K = 0: the average of all 77
+    torch.testing.assert_close(whole[0][0], (a[0][0] + b[0][0]) / 2, rtol=0, atol=0)
     with pytest.raises(ValueError, match="same length and width"):
         pack.X2ITopKFusion.execute([[torch.zeros(1, 154, 8), {}]], b, 4)

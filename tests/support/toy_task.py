@@ -24,8 +24,12 @@ class ToySettings:
     features: int = 6
     lr: float = 0.1
     dropout: float = 0.02
-    # Test hooks: at this step the model sends itself a signal, raises, or shrinks the file-size limit.
+    optimizer: str = "adam"  # or "sgd": plain steps, so a wrongly scaled gradient shows in the weights
+    # Test hooks: at this step the model sends itself a signal (signal_count times), raises, or shrinks the
+    # file-size limit.
     signal_at: int = 0
+    signal_name: str = "SIGTERM"
+    signal_count: int = 1
     crash_at: int = 0
     file_limit_at: int = 0
 
@@ -62,7 +66,8 @@ class ToyModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.calls += 1
         if self.calls == self.settings.signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(self.settings.signal_count):
+                os.kill(os.getpid(), getattr(signal, self.settings.signal_name))
         if self.calls == self.settings.crash_at:
             raise RuntimeError("simulated crash")
         if self.calls == self.settings.file_limit_at:
@@ -86,7 +91,7 @@ class ToyTask(TrainingTask):
 
     def config(self) -> dict:
         values = as_dict(self.settings)
-        for hook in ("signal_at", "crash_at", "file_limit_at"):
+        for hook in ("signal_at", "signal_name", "signal_count", "crash_at", "file_limit_at"):
             values.pop(hook)
         return {"toy": values}
 
@@ -104,7 +109,10 @@ class ToyTask(TrainingTask):
         return ToyModel(self.settings, dist)
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.settings.lr)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.settings.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.settings.lr)
+        return torch.optim.Adam(params, lr=self.settings.lr)
 
     def build_scheduler(self, optimizer, steps_per_epoch: int, total_steps: int):
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch, gamma=0.5)

@@ -25,7 +25,11 @@ from support import REPO_ROOT
 
 def make_clip_tokenizer(folder: Path | None = None):
     """A CLIP BPE tokenizer without merges: every byte-level character, plain and word-final
-    (``</w>``), plus CLIP's start/end tokens; pads with the end token like SD1's."""
+    (``</w>``), plus CLIP's start/end tokens; pads with the end token like SD1's. Written as files first and
+    loaded with ``from_pretrained``, which every supported transformers has (transformers 4's constructor
+    wants file paths, 5's the vocabulary itself)."""
+    import tempfile
+
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
@@ -34,16 +38,19 @@ def make_clip_tokenizer(folder: Path | None = None):
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        # vocab.json + merges.txt as openai/clip-vit-large-patch14 and ComfyUI's sd1_tokenizer ship them.
-        (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        (folder / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "CLIPTokenizer", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-            "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "model_max_length": 77,
-        }), encoding="utf-8")
+    scratch = tempfile.TemporaryDirectory() if folder is None else None
+    folder = Path(scratch.name) if scratch is not None else folder
+    folder.mkdir(parents=True, exist_ok=True)
+    # vocab.json + merges.txt as openai/clip-vit-large-patch14 and ComfyUI's sd1_tokenizer ship them.
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "model_max_length": 77,
+    }), encoding="utf-8")
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    if scratch is not None:
+        scratch.cleanup()
     return tokenizer
 
 
@@ -252,3 +259,290 @@ def error_lines(stderr: str) -> list[str]:
     """The lines the command line printed as its own errors; a traceback would be a crash, not an error line."""
     assert "Traceback" not in stderr, stderr[-4000:]
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def rewrite_shard(path: Path, change) -> None:
+    """The cache shard re-saved with ``change(tensors, metadata)`` applied, as another tool or bit rot would leave it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}  # not views of the file rewritten below
+    change(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+# ---- the loop's promises on real kinds: two processes train as one, a killed run resumes exactly ------
+
+
+class PerSampleDraws:
+    """While entered, ``torch.rand`` / ``randn`` / ``randint`` give row ``i`` of every draw (its first dimension
+    is the batch) from a generator seeded by the row's place in the *global* batch (``first_row + i``) and the
+    draw's number in this forward: a sample then gets the same flip, posterior sample, timestep and noise
+    whichever process trains it. (The loop seeds each process differently, so without this two processes draw
+    other noise than one, and only the expected gradient would agree.)"""
+
+    def __init__(self, first_row: int) -> None:
+        self.first_row = first_row
+        self.draws = 0
+
+    def _per_row(self, original, size_last: bool):
+        def draw(*args, generator=None, device=None, **kwargs):
+            assert generator is None, "a draw with its own generator is already deterministic"
+            if size_last:  # randint(low, high, size)
+                *lead, size = args
+            else:  # rand(*size) / rand(size)
+                lead, size = [], args[0] if len(args) == 1 and not isinstance(args[0], int) else args
+            size = tuple(size)
+            number, self.draws = self.draws, self.draws + 1
+            rows = [original(*lead, size[1:], generator=torch.Generator().manual_seed(10_000 * (self.first_row + i) + number), **kwargs)
+                    for i in range(size[0])]
+            return torch.stack(rows).to(device)
+        return draw
+
+    def __enter__(self) -> PerSampleDraws:
+        self.saved = {name: getattr(torch, name) for name in ("rand", "randn", "randint")}
+        torch.rand = self._per_row(self.saved["rand"], False)
+        torch.randn = self._per_row(self.saved["randn"], False)
+        torch.randint = self._per_row(self.saved["randint"], True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self.saved.items():
+            setattr(torch, name, original)
+
+
+def first_step_gradient_task(kind: str, raw: dict, record_to: Path):
+    """The ``kind``'s task from ``raw``, changed only where randomness would make one process differ from two:
+
+    - every dropout off (its masks come from each process's own stream);
+    - the forward's draws per sample (:class:`PerSampleDraws`);
+    - trainable tensors that start at zero (LoRA's up) set to small fixed values, so that their partners'
+      gradients (LoRA's down) are not 0 = 0 by construction;
+
+    and its optimiser saves the first step's gradients (what ``optimizer.step`` sees, after the loop's
+    backward and the process group's reduction) to ``record_to/gradients-<rank>.safetensors``."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from x2i.training.cli import task_class
+
+    class FirstStepGradients(task_class(kind)):
+        def build_model(self, dist):
+            model = super().build_model(dist)
+            self.rank = dist.rank
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for _, param in sorted(model.named_parameters()):
+                    if param.requires_grad and not param.any():
+                        param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+            forward = model.forward
+
+            def per_sample_forward(batch):
+                rows = len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+                with PerSampleDraws(dist.rank * rows) as draws:
+                    terms = forward(batch)
+                model.draws_per_step = draws.draws
+                return terms
+
+            model.forward = per_sample_forward
+            return model
+
+        def build_optimizer(self, model):
+            optimizer = super().build_optimizer(model)
+            names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+
+            def record(opt, args, kwargs):
+                path = Path(record_to) / f"gradients-{self.rank}.safetensors"
+                if path.exists():
+                    return
+                grads = {names[id(p)]: (p.grad if p.grad is not None else torch.full_like(p, float("nan"))).detach().clone()
+                         for group in opt.param_groups for p in group["params"]}
+                grads["draws_per_step"] = torch.tensor(model.draws_per_step)
+                Path(record_to).mkdir(parents=True, exist_ok=True)
+                save_file(grads, str(path))
+
+            optimizer.register_step_pre_hook(record)
+            return optimizer
+
+    return FirstStepGradients.from_config(raw)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _first_step_worker(rank: int, world_size: int, port: int, kind: str, raw: dict, record_to: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    _first_step_run(kind, raw, Path(record_to))
+
+
+def _first_step_run(kind: str, raw: dict, record_to: Path):
+    from x2i.training import RunSettings, section, train
+
+    task = first_step_gradient_task(kind, raw, record_to)
+    return train(task, section(raw, "run", RunSettings), resume="never")
+
+
+def first_step_gradients(kind: str, raw: dict, output: Path, processes: int) -> dict[str, torch.Tensor]:
+    """The gradients of every trainable tensor at the first step of ``kind`` trained from ``raw`` (its
+    ``[run]`` made a one-step CPU fp32 run without clipping, writing to ``output``) by ``processes`` gloo
+    processes (1: this process); with 2, both ranks' gradients must be identical, and rank 0's are returned."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    raw = copy.deepcopy(raw)
+    raw["run"] = {**raw.get("run", {}), "output_dir": str(output), "max_steps": 1, "device": "cpu", "backend": "gloo",
+                  "precision": "fp32", "grad_clip": 0.0, "num_workers": 0, "validate_every": 1000}
+    if processes == 1:
+        from x2i.training import Distributed, RunSettings, section, train
+
+        train(first_step_gradient_task(kind, raw, output), section(raw, "run", RunSettings), resume="never", dist=Distributed())
+    else:
+        import torch.multiprocessing as mp
+
+        mp.start_processes(_first_step_worker, args=(processes, free_port(), kind, raw, str(output)), nprocs=processes,
+                           start_method="spawn")
+    found = [load_file(str(output / f"gradients-{rank}.safetensors")) for rank in range(processes)]
+    for other in found[1:]:
+        assert other.keys() == found[0].keys()
+        assert all(torch.equal(other[k], found[0][k]) for k in other), "the ranks step with different gradients"
+    return found[0]
+
+
+def assert_same_gradients(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor], tolerance: float = 1e-6,
+                          zero_by_design: dict[str, str] | None = None, zero_tolerance: float = 0.0) -> dict[str, float]:
+    """Every tensor's gradient of two processes equals one process's: ``|two - one| <= tolerance * max|one|``
+    elementwise (the tensor's own scale: summing a global batch in two halves changes the rounding, nothing
+    else). ``zero_by_design`` maps a tensor whose true gradient is 0 (e.g. a bias a BatchNorm removes) to the
+    tensor whose scale its rounding noise is measured against: both runs must give it at most
+    ``zero_tolerance`` of that scale. Returns each tensor's largest difference relative to its scale."""
+    zero_by_design = zero_by_design or {}
+    assert one.keys() == two.keys()
+    assert one.pop("draws_per_step", None) == two.pop("draws_per_step", None)
+    errors = {}
+    for name in one:
+        assert torch.isfinite(one[name]).all(), f"{name} has no gradient"
+        if name in zero_by_design:
+            scale = one[zero_by_design[name]].abs().max().item()
+            limit = zero_tolerance * scale
+            assert one[name].abs().max().item() <= limit and two[name].abs().max().item() <= limit, f"{name} is not 0 up to rounding"
+            errors[name] = (two[name] - one[name]).abs().max().item() / scale
+            continue
+        scale = one[name].abs().max().item()
+        assert scale > 0, f"the gradient of {name} is exactly 0: the comparison would prove nothing"
+        errors[name] = (two[name] - one[name]).abs().max().item() / scale
+        assert errors[name] <= tolerance, f"{name}: two processes differ from one by {errors[name]:.3g} of its largest gradient"
+    return errors
+
+
+# ---- the command line, stopped and killed ---------------------------------------------------------
+
+
+def cli_command(kind: str, config: Path) -> list[str]:
+    return [sys.executable, str(REPO_ROOT), "train", kind, "--config", str(config)]
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def start_cli(kind: str, config: Path) -> subprocess.Popen:
+    return subprocess.Popen(cli_command(kind, config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+
+
+def last_logged_step(output_dir: Path) -> int:
+    path = output_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return max((json.loads(line)["step"] for line in lines if '"train"' in line and line.endswith("}")), default=0)  # not a torn last line
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early ({process.returncode}): {process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.01)
+
+
+def checkpoint_steps(output_dir: Path) -> list[int]:
+    from x2i.training.checkpoints import checkpoint_files
+
+    return [int(p.stem.split("-")[1]) for p in checkpoint_files(output_dir)]
+
+
+def stop_kill_and_resume(kind: str, config: Path, output: Path, total_steps: int, checkpoint_every: int, exported: list[str],
+                         stop_signal: int = signal.SIGINT) -> dict:
+    """``train <kind> --config config`` three times, as a user would run it:
+
+    1. ``stop_signal`` (Ctrl+C) once, mid-run: the run checkpoints the step it stopped at, exports (files
+       ``exported``), exits 130;
+    2. the same command resumes, and is SIGKILLed once a periodic checkpoint past the stop exists and a step
+       past that checkpoint has been logged (nothing saved at the kill);
+    3. the same command resumes from that periodic checkpoint to the end (exit 0).
+
+    Returns the positions the two resumptions started from."""
+    from x2i.training.checkpoints import checkpoint_files, read_checkpoint
+
+    first = start_cli(kind, config)
+    wait_for(lambda: last_logged_step(output) >= 2, first)
+    first.send_signal(stop_signal)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 130, err[-3000:]
+    _, header = read_checkpoint(checkpoint_files(output)[-1])
+    stopped = header["position"]
+    assert 2 <= stopped["step"] < total_steps and "interrupted at step" in out, (stopped, out)
+    assert f"{signal.Signals(stop_signal).name} received: saving a checkpoint" in err
+    assert all((output / name).exists() for name in exported)  # the stopped run's model is usable
+
+    second = start_cli(kind, config)
+    periodic = (stopped["step"] // checkpoint_every + 1) * checkpoint_every
+    wait_for(lambda: last_logged_step(output) > periodic and periodic in checkpoint_steps(output), second)
+    second.kill()
+    second.communicate(timeout=60)
+    assert second.returncode == -signal.SIGKILL
+    last = checkpoint_files(output)[-1]
+    _, header = read_checkpoint(last)
+    killed = header["position"]
+    assert periodic <= killed["step"] < total_steps and killed["step"] % checkpoint_every == 0, killed
+
+    third = subprocess.run(cli_command(kind, config), capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"resumed from {last} at step {killed['step']}" in third.stderr
+    return {"stopped": stopped, "killed": killed}
+
+
+def assert_same_final_state(expected_dir: Path, found_dir: Path, exported: list[str]) -> None:
+    """The final checkpoints of two runs hold equal tensors (``torch.equal``): every trainable tensor and buffer
+    (an EMA too), the optimiser's moments and every process's random streams; and equal optimiser, scheduler
+    and position headers. The exported files (names in ``exported``) hold equal tensors too."""
+    from safetensors.torch import load_file
+
+    from x2i.training.checkpoints import checkpoint_files, read_checkpoint
+
+    expected, expected_header = read_checkpoint(checkpoint_files(expected_dir)[-1])
+    found, found_header = read_checkpoint(checkpoint_files(found_dir)[-1])
+    assert expected.keys() == found.keys()
+    assert any(k.startswith("optimizer.") for k in expected) and any(k.startswith("model.") for k in expected)
+    different = [k for k in expected if not torch.equal(expected[k], found[k])]
+    assert not different, f"{len(different)} of {len(expected)} tensors differ: {different[:6]}"
+    for part in ("position", "optimizer", "scheduler", "rng"):
+        assert expected_header[part] == found_header[part], part
+    for name in exported:
+        a, b = load_file(str(expected_dir / name)), load_file(str(found_dir / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

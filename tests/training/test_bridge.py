@@ -137,6 +137,34 @@ def test_resumed_run_ends_with_the_same_bridge(tmp_path, tiny_t5, sd_folder, squ
         run(changed, tmp_path / "resumed", max_steps=8)
 
 
+def test_cli_run_stopped_by_ctrl_c_then_killed_resumes_to_the_uninterrupted_state(tmp_path, tiny_t5, sd_folder, squares_tsv):
+    from support.training import assert_same_final_state, cli_command, cli_env, stop_kill_and_resume, write_config
+
+    def config(name: str) -> Path:
+        # Each run its own latent cache (built the same way), so the reference can run alongside.
+        raw = bridge_config(squares_tsv, sd_folder, tiny_t5, cache={"dir": str(tmp_path / name / "cache")}, lora={"rank": 4})
+        # 32 training pairs: 4 steps an epoch, validation at each epoch's end, a checkpoint every 5 steps (mid-epoch);
+        # LoRA and adapter dropout on: the random streams must resume too.
+        raw["run"] = {"output_dir": str(tmp_path / name), "batch_size": 8, "epochs": 4, "checkpoint_every": 5, "log_every": 1,
+                      "seed": 3, "device": "cpu", "precision": "fp32", "num_workers": 0}
+        return write_config(tmp_path / f"{name}.json", raw)
+
+    import subprocess
+
+    exported = ["squares.safetensors", "squares/lora_vis.pt", "squares/lora_text.pt"]
+    reference = subprocess.Popen(cli_command("bridge", config("straight")), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, env=cli_env())
+    resumed = stop_kill_and_resume("bridge", config("interrupted"), tmp_path / "interrupted", total_steps=16, checkpoint_every=5,
+                                   exported=exported[:1])
+    assert resumed["killed"]["step_in_epoch"] > 0
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    # LoRA (vision and text), adapter, AdamW's moments and steps, the random streams: all bit for bit.
+    assert_same_final_state(tmp_path / "straight", tmp_path / "interrupted", exported=exported[:1])
+    for name in exported[1:]:  # the released layout's lists of LoRA matrices
+        a, b = (torch.load(tmp_path / run / name, weights_only=True) for run in ("straight", "interrupted"))
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), name
+
+
 def test_llama_bridge_trains_and_exports(tmp_path, sd_folder, squares_tsv, tiny_llama):
     llama = tiny_llama
     output = tmp_path / "run"
@@ -239,6 +267,22 @@ def test_two_gloo_processes_share_the_latent_cache_and_train(tmp_path, tiny_t5, 
     torch.testing.assert_close(load_file(str(tmp_path / "cache" / "shard-00001.safetensors"))["mean"], mean, atol=2e-3, rtol=2e-3)
     bridge = load_trained_bridge(tmp_path / "two" / "squares.safetensors")
     assert bridge.recipe.value == "t5_unet" and (tmp_path / "two" / "squares" / "lora_vis.pt").is_file()
+
+
+def test_two_gloo_processes_take_the_first_step_with_the_gradients_of_one(tmp_path, tiny_t5, sd_folder, squares_tsv):
+    from support.training import assert_same_gradients, first_step_gradients
+
+    raw = bridge_config(squares_tsv, sd_folder, tiny_t5, cache={"dir": str(tmp_path / "cache")}, lora={"rank": 4})
+    raw["run"] = {"batch_size": 8, "seed": 3}
+    one = first_step_gradients("bridge", raw, tmp_path / "one", processes=1)
+    two = first_step_gradients("bridge", raw, tmp_path / "two", processes=2)
+    # Flip, posterior sample, timestep and noise: four draws a step, the same per sample in both runs.
+    assert int(one["draws_per_step"]) == 4
+    # Vision LoRA, text LoRA (down and up) and adapter: every trainable tensor, to 3e-6 of its largest gradient
+    # (measured: at most 1.3e-6, the rounding of summing the batch in two halves).
+    errors = assert_same_gradients(one, two, tolerance=3e-6)
+    assert {k.split(".")[0] for k in errors} == {"denoiser", "language_model", "adapter"}
+    assert any("lora_A" in k for k in errors) and any("lora_B" in k for k in errors)
 
 
 def test_bad_data_is_one_error_line_and_exit_2(tmp_path, tiny_t5, sd_folder, capsys):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import support.bridge_training as bt
+from support.training import rewrite_shard
 from x2i.training.bridge_data import CachedLatentDataset, CaptionTokenizer, ImageCaptionDataset
 from x2i.training.image_data import BridgeDataError, image_transform, load_image, scan_pairs, split_validation
 from x2i.training.latent_cache import LatentCache, cache_key, encode_both_flips
@@ -216,18 +217,6 @@ def test_latent_cache_shards_split_over_ranks_and_undecodable_images_skipped(tmp
     assert single.read_index() == (locations, undecodable)
 
 
-def _rewrite_shard(path: Path, change) -> None:
-    """The shard re-saved with ``change(tensors, metadata)`` applied, as another tool or bit rot would leave it."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-        tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}  # not views of the file rewritten below
-    change(tensors, metadata)
-    save_file(tensors, str(path), metadata=metadata)
-
-
 def test_latent_shards_from_another_build_or_truncated_are_named_and_the_only_ones_encoded_again(tmp_path, vae, caplog):
     items, _ = scan_pairs(bt.write_squares_tsv(tmp_path / "data", 10))  # shards of 4: 4 + 4 + 2
     transform, cpu = image_transform(32), torch.device("cpu")
@@ -257,9 +246,9 @@ def test_latent_shards_from_another_build_or_truncated_are_named_and_the_only_on
     for s in (0, 2):  # shard 0 kept, shard 2 encoded again to the same latents
         assert all(torch.equal(load_file(str(cache.shard_path(s)))[k], v) for k, v in expected[s].items())
     # A shard with other tensors or another latent shape under the right key is as unusable.
-    _rewrite_shard(cache.shard_path(0), lambda t, m: t.update(mean=t["mean"][:, :, :, :4].contiguous()))
+    rewrite_shard(cache.shard_path(0), lambda t, m: t.update(mean=t["mean"][:, :, :, :4].contiguous()))
     assert "mean F16 [4, 2, 4, 4, 8] and std F16 [4, 2, 4, 8, 8]" in cache.state().problems[0]
-    _rewrite_shard(cache.shard_path(0), lambda t, m: t.update(mean=t["std"].float(), std=t["std"].float()))
+    rewrite_shard(cache.shard_path(0), lambda t, m: t.update(mean=t["std"].float(), std=t["std"].float()))
     assert "expected F16 [4, 2, C, h, w]" in cache.state().problems[0]
 
 
@@ -272,7 +261,7 @@ def test_a_nan_latent_read_while_training_names_its_shard(tmp_path, vae, t5_toke
     def poison(tensors, metadata):
         tensors["std"][1, 0, 2, 3, 3] = float("inf")  # changed after the build
 
-    _rewrite_shard(cache.shard_path(0), poison)
+    rewrite_shard(cache.shard_path(0), poison)
     locations, _ = cache.read_index()  # headers as built: the values are checked where they are read
     dataset = CachedLatentDataset(cache, locations, CaptionTokenizer("t5_unet", t5_tokenizer))
     assert dataset[0]["latent_mean"].shape == (2, 4, 8, 8) and dataset[5]["latent_std"].isfinite().all()

@@ -16,6 +16,7 @@ from support.training import (
     make_clip_text_folder,
     make_clip_tokenizer,
     parallel_corpus,
+    rewrite_shard,
     write_parallel_files,
     write_point_cloud_folder,
     write_sd1_checkpoint,
@@ -298,18 +299,6 @@ def test_fingerprints_follow_files_and_a_broken_shard_is_named(tmp_path: Path):
 # ---- shards checked when the cache is opened ----------------------------------------------------
 
 
-def _rewrite_shard(path: Path, change) -> None:
-    """The shard re-saved with ``change(tensors, metadata)`` applied, as another tool or bit rot would leave it."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-        tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}  # not views of the file rewritten below
-    change(tensors, metadata)
-    save_file(tensors, str(path), metadata=metadata)
-
-
 def _built_cache(root: Path, fingerprint: dict, items: list[str]) -> FeatureCache:
     cache = FeatureCache(root, "source", fingerprint, len(items), dtype="fp16", shard_size=4)
     cache.build(items, CountingEncoder(), (2,), batch_size=4)
@@ -319,10 +308,10 @@ def _built_cache(root: Path, fingerprint: dict, items: list[str]) -> FeatureCach
 BROKEN_SHARDS = {
     "another build": (lambda c, other: other.shard_path(1).replace(c.shard_path(1)), "from another build"),
     "truncated": (lambda c, other: c.shard_path(1).write_bytes(c.shard_path(1).read_bytes()[:-9]), "unreadable or truncated"),
-    "wrong dtype": (lambda c, other: _rewrite_shard(c.shard_path(1), lambda t, m: t.update(features=t["features"].float())),
+    "wrong dtype": (lambda c, other: rewrite_shard(c.shard_path(1), lambda t, m: t.update(features=t["features"].float())),
                     "stores features as F32, the cache as F16"),
-    "wrong keys": (lambda c, other: _rewrite_shard(c.shard_path(1), lambda t, m: t.pop("valid")), "holds the tensors ['features']"),
-    "wrong rows": (lambda c, other: _rewrite_shard(c.shard_path(1), lambda t, m: t.update(features=t["features"][:3])),
+    "wrong keys": (lambda c, other: rewrite_shard(c.shard_path(1), lambda t, m: t.pop("valid")), "holds the tensors ['features']"),
+    "wrong rows": (lambda c, other: rewrite_shard(c.shard_path(1), lambda t, m: t.update(features=t["features"][:3])),
                    "holds features of shape [3, 2], expected [4, 2]"),
 }
 
@@ -356,7 +345,7 @@ def test_a_nan_row_read_while_training_names_its_shard(tmp_path: Path):
     def poison(tensors, metadata):
         tensors["features"][2, 1] = float("nan")  # item 6, still marked valid: changed after the build
 
-    _rewrite_shard(cache.shard_path(1), poison)
+    rewrite_shard(cache.shard_path(1), poison)
     # The header is as built: the check at open costs headers only, so it cannot see values.
     assert cache.state() == "complete"
     features = cache.open()

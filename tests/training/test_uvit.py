@@ -359,6 +359,45 @@ def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_p
         train(UViTTask.from_config({**raw, "optim": {**raw["optim"], "lr": 1e-3}}), RunSettings(output_dir=str(tmp_path / "stopped"), **{**settings, "max_steps": 12}))
 
 
+def test_two_gloo_processes_take_the_first_step_with_the_gradients_of_one(tmp_path, world, caches):
+    from support.training import assert_same_gradients, first_step_gradients
+
+    raw = uvit_raw(world, caches, data={"random_flip": True}, diffusion={"p_uncond": 0.5})
+    raw["run"] = {"batch_size": 8, "seed": 3}
+    one = first_step_gradients("uvit", raw, tmp_path / "one", processes=1)
+    two = first_step_gradients("uvit", raw, tmp_path / "two", processes=2)
+    # Flip, posterior sample, timestep, noise and text drop: five draws a step, the same per sample in both runs.
+    assert int(one["draws_per_step"]) == 5
+    # Every U-ViT weight, to 3e-6 of its largest gradient (measured: at most 1.3e-6, the rounding of summing the
+    # batch in two halves). The EMA is a buffer, no gradient: the resume test compares it.
+    errors = assert_same_gradients(one, two, tolerance=3e-6)
+    assert len(errors) == len(list(UViT(resolve_uvit_config(UViTTask.from_config(raw).model_settings)).parameters()))
+
+
+def test_cli_run_stopped_by_ctrl_c_then_killed_resumes_to_the_uninterrupted_state(tmp_path, world, caches):
+    import subprocess
+
+    from support.training import assert_same_final_state, cli_command, cli_env, stop_kill_and_resume
+
+    def config(name: str) -> Path:
+        raw = uvit_raw(world, caches, data={"random_flip": True})
+        # 80 training images: 10 steps an epoch (a caption drawn per image per epoch), validation at each
+        # epoch's end, a checkpoint every 7 steps (mid-epoch).
+        raw["run"] = {"output_dir": str(tmp_path / name), "batch_size": 8, "max_steps": 24, "checkpoint_every": 7, "log_every": 1,
+                      "validate_every": 0, "seed": 7, "device": "cpu", "precision": "fp32", "num_workers": 0}
+        return write_config(tmp_path / f"{name}.json", raw)
+
+    exported = ["shapes.safetensors", "shapes-raw.safetensors"]
+    reference = subprocess.Popen(cli_command("uvit", config("straight")), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, env=cli_env())
+    resumed = stop_kill_and_resume("uvit", config("interrupted"), tmp_path / "interrupted", total_steps=24, checkpoint_every=7,
+                                   exported=exported)
+    assert resumed["killed"]["step_in_epoch"] > 0
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    # The U-ViT, its EMA, AdamW's moments and steps, the warm-up schedule, the random streams: all bit for bit.
+    assert_same_final_state(tmp_path / "straight", tmp_path / "interrupted", exported=exported)
+
+
 def test_dry_run_counts_without_encoding_and_bad_settings_exit_2(tmp_path, world, capsys):
     from x2i.training.cli import main
 
