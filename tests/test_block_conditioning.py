@@ -1,5 +1,5 @@
 """Block-wise conditioning without ComfyUI: block specs parsed (and bounded however long or large), the rows
-the patch replaces, and the patch itself; the node on ComfyUI's U-Net is tested in tests/nodes/test_block_conditioning.py."""
+the patch replaces, and the patch itself; the node on ComfyUI's U-Net is tested in tests/nodes/test_block_conditioning_nodes.py."""
 
 from __future__ import annotations
 

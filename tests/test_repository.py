@@ -156,7 +156,7 @@ def test_the_registry_archive_holds_what_users_run_and_no_tests():
     packed = [path for path in tracked if not ignored.match_file(path)]
 
     assert not [path for path in packed if path.startswith(("tests/", "bench/", ".ci/"))]
-    runtime = [path for path in tracked if path.endswith(".py") and not path.startswith(("tests/", "bench/"))]
+    runtime = [path for path in tracked if path.endswith(".py") and not path.startswith(("tests/", "bench/", ".ci/"))]
     assert set(runtime) <= set(packed)
     shipped = {path for path in tracked if path.startswith(("workflows/", "locales/", "docs/", "web/"))}
     assert {path for path in shipped if not path.startswith("docs/images/")} <= set(packed)  # README pictures stay out
@@ -170,3 +170,9 @@ def test_nodes_use_a_versioned_node_api():
     assert not [path for path, text in sources.items() if re.search(r"^\s*(from|import) comfy_api\.latest", text, re.M)]
     using_the_api = [text for text in sources.values() if "comfy_api" in text]
     assert using_the_api and all("from comfy_api.v0_0_2 import" in text for text in using_the_api)
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by basename (no __init__.py in tests/): two equal names stop collection."""
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
