@@ -2,14 +2,18 @@
 
     python bench/bridge_training.py --device cuda                      # SD1.5 U-Net + T5-Large, 512 px, batch 8, bf16
     python bench/bridge_training.py --device cuda --compile --latents vae
+    python bench/bridge_training.py --device cuda --sdxl               # SDXL base U-Net + T5-Large, 1024 px, batch 4, bf16
     python bench/bridge_training.py --small                            # tiny models on the CPU: proves the script runs
+    python bench/bridge_training.py --small --sdxl                     # a tiny SDXL-shaped U-Net on the CPU
 
 One step is what ``train bridge`` runs: T5 (+ LoRA) -> TextAdapter -> U-Net (+ LoRA) forward under bf16
 autocast, ε-MSE, backward, gradient clipping 1.0, AdamW with the official learning rates. The models are
 the trainer's own (``training.bridge_task``), with random weights at the real sizes, built from explicit
 configs (SD1.5's U-Net and VAE, T5-Large's encoder), so nothing is downloaded. ``--latents cached``
 (default) feeds latents as the latent cache does; ``--latents vae`` encodes 512 px images with the SD VAE
-every step, as a run without the cache. Reports the median step time after warm-up as it/s and
+every step, as a run without the cache. ``--sdxl``: SDXL base's U-Net (its diffusers config) and VAE (run in
+float32, as the trainer runs it), the adapter with its pooled head feeding SDXL's pooled vector, and each sample's
+six size numbers (``time_ids``). Reports the median step time after warm-up as it/s and
 samples/s, and the peak GPU memory. Writes one JSON line to stdout and, with ``--out``, to a file.
 
 Needs torch, transformers, diffusers (>= 0.30) and peft (>= 0.13): ``pip install -r requirements-train.txt``.
@@ -40,6 +44,9 @@ SMALL_UNET = {
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 8,
 }
+# An SDXL-shaped U-Net, small: the trainer tests' (SDXL's 2048 context, pooled text + size embedding).
+from support.bridge_training import TINY_SDXL_UNET_CONFIG as SMALL_SDXL_UNET  # noqa: E402
+
 SMALL_VAE = {
     "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [8, 16, 16, 16], "latent_channels": 4,
@@ -78,9 +85,22 @@ def build(args, device: torch.device):
         enable_activation_checkpointing,
         inject_lora,
     )
-    from x2i.training.diffusion_models import SD1_UNET_CONFIG, SD1_VAE_CONFIG, DiffusionModel, make_scheduler
+    from x2i.training.diffusion_models import (
+        SD1_UNET_CONFIG,
+        SD1_VAE_CONFIG,
+        SDXL_UNET_CONFIG,
+        SDXL_VAE_CONFIG,
+        DiffusionModel,
+        make_scheduler,
+    )
 
-    unet_config, vae_config, t5_config = (SMALL_UNET, SMALL_VAE, SMALL_T5) if args.small else (SD1_UNET_CONFIG, SD1_VAE_CONFIG, T5_LARGE)
+    kind = "sdxl" if args.sdxl else "sd1"
+    if args.sdxl:
+        small_vae = {**SMALL_VAE, "scaling_factor": 0.13025, "force_upcast": True}
+        unet_config, vae_config = (SMALL_SDXL_UNET, small_vae) if args.small else (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG)
+    else:
+        unet_config, vae_config = (SMALL_UNET, SMALL_VAE) if args.small else (SD1_UNET_CONFIG, SD1_VAE_CONFIG)
+    t5_config = SMALL_T5 if args.small else T5_LARGE
     torch.manual_seed(0)
     with torch.device(device):  # initialised where they run: no 1 GB copy from the CPU
         unet = UNet2DConditionModel(**unet_config)
@@ -89,20 +109,21 @@ def build(args, device: torch.device):
     for module in (unet, vae, t5):
         if module is not None:
             module.requires_grad_(False).eval()
-    diffusion = DiffusionModel("sd1", unet, vae, make_scheduler("sd1"), 0.18215, unet_config["cross_attention_dim"], "random")
+    # The VAE in float32 (SDXL's as the trainer keeps it; SD1's as this script always built it), under bf16 autocast.
+    diffusion = DiffusionModel(kind, unet, vae, make_scheduler(kind), vae_config["scaling_factor"], unet_config["cross_attention_dim"], "random")
     vision_targets = diffusion.lora_targets()
     text_targets = text_lora_targets(t5, "t5")
     inject_lora(unet, vision_targets, args.rank, 0.1)
     if args.text_lora:
         inject_lora(t5, text_targets, args.rank, 0.1)
     hidden, context = t5_config["d_model"], unet_config["cross_attention_dim"]
-    adapter = TextAdapter(TextAdapterConfig(hidden, (hidden + context) // 2, context))
+    adapter = TextAdapter(TextAdapterConfig(hidden, (hidden + context) // 2, context, pooled_dim=diffusion.pooled_dim))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.text_lora:
             enable_activation_checkpointing(t5)
     model = BridgeTrainingModel(t5, adapter, diffusion, LaViBridgeRecipe.T5_UNET, args.text_lora).to(device).train()
-    optimizer = build_bridge_optimizer(model, BridgeOptimSettings(), "sd1")  # the task's groups and official LRs
+    optimizer = build_bridge_optimizer(model, BridgeOptimSettings(), kind)  # the task's groups and official LRs
     counts = {
         "vision_lora_layers": len(vision_targets), "text_lora_layers": len(text_targets) if args.text_lora else 0,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -123,6 +144,9 @@ def make_batch(args, device: torch.device, vocab: int) -> dict[str, torch.Tensor
         batch["latent_std"] = torch.rand(args.batch, 2, 4, size, size, generator=g) * 0.01
     else:
         batch["pixels"] = torch.rand(args.batch, 3, args.resolution, args.resolution, generator=g) * 2 - 1
+    if args.sdxl:  # a 4:3 landscape photo, resized and centre-cropped to the training square (image_data.crop_geometry)
+        res = args.resolution
+        batch["time_ids"] = torch.tensor([[res * 3 // 4, res, 0, res // 6, res, res]] * args.batch, dtype=torch.float32)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -148,7 +172,9 @@ def bench(args) -> dict:
     return {
         "bench": "bridge_training",
         "device": device_label(device),
-        "models": "tiny (--small)" if args.small else "SD1.5 U-Net + T5-Large encoder (random weights)",
+        "models": ("tiny SDXL-shaped (--small --sdxl)" if args.sdxl else "tiny (--small)") if args.small else
+                  f"{'SDXL base' if args.sdxl else 'SD1.5'} U-Net + T5-Large encoder (random weights)",
+        "diffusion_model": "sdxl" if args.sdxl else "sd1",
         "resolution": args.resolution, "batch": args.batch, "precision": args.dtype, "compile": args.compile,
         "latents": args.latents, "text_lora": args.text_lora, "gradient_checkpointing": args.gradient_checkpointing,
         "rank": args.rank, **counts,
@@ -164,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="autocast precision (default bf16, as the trainer on CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
-    parser.add_argument("--batch", type=int, default=None, help="default 8 (2 with --small)")
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default 512; 64 with --small)")
+    parser.add_argument("--sdxl", action="store_true", help="SDXL base's U-Net and VAE instead of SD1.5's (default 1024 px, batch 4)")
+    parser.add_argument("--batch", type=int, default=None, help="default 8, 4 with --sdxl (2 with --small)")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default 512, 1024 with --sdxl; 64 with --small)")
     parser.add_argument("--latents", choices=("cached", "vae"), default="cached", help="latents from the cache, or the VAE every step")
     parser.add_argument("--no-text-lora", dest="text_lora", action="store_false", help="train without the T5 LoRA")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -175,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny models at 64 px: checks the script on any machine")
     parser.add_argument("--out", type=Path, help="also append the JSON line to this file")
     args = parser.parse_args(argv)
-    args.batch = args.batch or (2 if args.small else 8)
-    args.resolution = args.resolution or (64 if args.small else 512)
+    args.batch = args.batch or (2 if args.small else 4 if args.sdxl else 8)
+    args.resolution = args.resolution or (64 if args.small else 1024 if args.sdxl else 512)
     args.steps = args.steps or (5 if args.small else 20)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.small else 10 if args.compile else 5)
     if args.resolution % 8:

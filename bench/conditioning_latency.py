@@ -1,9 +1,11 @@
 """Conditioning latency: XLM-R-large + GlueNet (the GlueGen multilingual path) versus SD1.5's own
-CLIP text encoder, measured in the same process on the same device.
+CLIP text encoder, measured in the same process on the same device; with ``--sdxl``, an SDXL GlueNet (77 x 2048
+and its pooled head) versus SDXL's two text encoders (CLIP ViT-L + OpenCLIP ViT-bigG, ComfyUI's SDXLClipModel).
 
     python bench/conditioning_latency.py --device cpu
     python bench/conditioning_latency.py --device cuda --dtype fp16
     COMFYUI_PATH=/path/to/ComfyUI python bench/conditioning_latency.py   # adds ComfyUI's own SD1 CLIP
+    COMFYUI_PATH=/path/to/ComfyUI python bench/conditioning_latency.py --sdxl
 
 Weights are random (real sizes: XLM-R large 24x1024, GlueNet 77x1024->768 depth 5, CLIP ViT-L/14
 text 12x768); latency does not depend on the values. Each figure is the median of ``--repeats``
@@ -33,7 +35,7 @@ from x2i.gluenet import GlueNet, GlueNetConfig  # noqa: E402
 PROMPT = "Peinture impressionniste d'un jardin d'après-midi, lumière douce, couleurs vives"
 
 
-def build_gluegen(device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+def build_gluegen(device: torch.device, dtype: torch.dtype, sdxl: bool = False) -> Callable[[], torch.Tensor]:
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
     from support.models import make_xlm_roberta_folder
@@ -49,9 +51,10 @@ def build_gluegen(device: torch.device, dtype: torch.dtype) -> Callable[[], torc
     )
     model = XLMRobertaModel(config).to(device=device, dtype=dtype).eval()
     encoder = HFTextEncoder(model, tokenizer, "xlm-roberta-large (random)")
-    gluenet_config = GlueNetConfig("translator_noln", num_tokens=77, in_dim=1024, out_dim=768, mult=2, depth=5, input_divisor=3.0)
+    family = {"target": "sdxl", "out_dim": 2048, "pooled_dim": 1280} if sdxl else {"out_dim": 768}
+    gluenet_config = GlueNetConfig("translator_noln", num_tokens=77, in_dim=1024, mult=2, depth=5, input_divisor=3.0, **family)
     gluenet = GlueNet(gluenet_config).to(device=device, dtype=dtype).eval()
-    return lambda: gluenet.translate(encoder.encode([PROMPT]))
+    return lambda: gluenet.translate_with_pooled(encoder.encode([PROMPT]))
 
 
 def build_clip_transformers(device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -72,16 +75,19 @@ def build_clip_transformers(device: torch.device, dtype: torch.dtype) -> Callabl
     return run
 
 
-def build_clip_comfyui(device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    """ComfyUI's own SD1 CLIP (what CLIPTextEncode runs), with random weights."""
+def build_clip_comfyui(device: torch.device, dtype: torch.dtype, sdxl: bool = False) -> Callable[[], torch.Tensor]:
+    """ComfyUI's own SD1 CLIP, or SDXL's two text encoders (what CLIPTextEncode runs), with random weights."""
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = device.type == "cpu"
     import comfy.sd1_clip
+    import comfy.sdxl_clip
 
-    tokenizer = comfy.sd1_clip.SD1Tokenizer()
-    model = comfy.sd1_clip.SD1ClipModel(device=device, dtype=dtype)
+    if sdxl:
+        tokenizer, model = comfy.sdxl_clip.SDXLTokenizer(), comfy.sdxl_clip.SDXLClipModel(device=device, dtype=dtype)
+    else:
+        tokenizer, model = comfy.sd1_clip.SD1Tokenizer(), comfy.sd1_clip.SD1ClipModel(device=device, dtype=dtype)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     model.eval()
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sdxl", action="store_true", help="an SDXL GlueNet against SDXL's CLIP-L + bigG")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -108,16 +115,23 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_label(device),
         "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "repeats": args.repeats,
     }
-    timings = {"gluegen_xlmr_large_gluenet_ms": build_gluegen}
-    if os.environ.get("COMFYUI_PATH"):
-        timings["clip_l_comfyui_ms"] = build_clip_comfyui
-        timings["clip_l_transformers_ms"] = build_clip_transformers
+    if args.sdxl:
+        gluegen, clip = "gluegen_xlmr_large_sdxl_gluenet_ms", "clip_l_bigg_comfyui_ms"
+        timings = {gluegen: lambda d, t: build_gluegen(d, t, sdxl=True)}
+        if os.environ.get("COMFYUI_PATH"):
+            timings[clip] = lambda d, t: build_clip_comfyui(d, t, sdxl=True)
+    else:
+        gluegen, clip = "gluegen_xlmr_large_gluenet_ms", "clip_l_comfyui_ms"
+        timings = {gluegen: build_gluegen}
+        if os.environ.get("COMFYUI_PATH"):
+            timings[clip] = build_clip_comfyui
+            timings["clip_l_transformers_ms"] = build_clip_transformers
     for name, builder in timings.items():
         fn = builder(device, dtype)
         result[name] = round(median_ms(fn, device, args.warmup, args.repeats), 2)
         del fn
-    if "clip_l_comfyui_ms" in result:
-        result["ratio_gluegen_over_clip"] = round(result["gluegen_xlmr_large_gluenet_ms"] / result["clip_l_comfyui_ms"], 2)
+    if clip in result:
+        result["ratio_gluegen_over_clip"] = round(result[gluegen] / result[clip], 2)
     emit(result, args.out)
     return 0
 

@@ -127,6 +127,9 @@ spec() {  # spec NAME: T / Q = timeout (s) on the GPU / with --quick (0: not run
     bench_uvit_training) T=150 Q=180; CMD=("$PY" $b/uvit_training.py "${d[@]}" --batch 256); QX=(--small --batch 4 --steps 2 --warmup 1) ;;
     bench_bridge_training) T=180 Q=180; CMD=("$PY" $b/bridge_training.py "${d[@]}" --batch 8 --resolution 512)
                          QX=(--small --batch 2 --resolution 64) ;;
+    bench_bridge_training_sdxl) T=240 Q=180; CMD=("$PY" $b/bridge_training.py "${d[@]}" --sdxl --batch 4 --resolution 1024)
+                         QX=(--small --batch 2 --resolution 64) ;;
+    bench_conditioning_latency_sdxl) T=150 Q=180; CMD=("$PY" $b/conditioning_latency.py "${d[@]}" --sdxl); QX=(--warmup 1 --repeats 2) ;;
     bench_audio_encode_compile)     T=180 Q=0; CMD=("$PY" $b/audio_encode.py "${d[@]}" --batch 16 --compile) ;;
     bench_gluenet_training_compile) T=150 Q=0; CMD=("$PY" $b/gluenet_training.py "${d[@]}" --batch 256 1024 --compile) ;;
     bench_uvit_training_compile)    T=300 Q=0; CMD=("$PY" $b/uvit_training.py "${d[@]}" --batch 256 --only-compile) ;;
@@ -219,6 +222,7 @@ nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv >"$LOG
 
 # --- benchmarks: one at a time, most important first; the torch.compile variants last ----------------------
 lane $END bench_lavibridge_sampling bench_conditioning_latency bench_audio_encode bench_pointcloud_encode \
-  bench_gluenet_training bench_uvit_training bench_bridge_training bench_pointcloud_encode_ulip2 \
+  bench_gluenet_training bench_uvit_training bench_bridge_training bench_bridge_training_sdxl bench_conditioning_latency_sdxl \
+  bench_pointcloud_encode_ulip2 \
   bench_audio_encode_compile bench_gluenet_training_compile bench_uvit_training_compile
 publish final

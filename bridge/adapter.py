@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from ..pooling import PooledHead
 from ..weights import build_and_load, describe_keys, read_json_object, read_torch_checkpoint, unwrap_state_dict
 from .errors import LaViBridgeFileError
 
@@ -42,17 +43,21 @@ MAX_ADAPTER_WIDTH = 16384
 
 @dataclass(frozen=True)
 class TextAdapterConfig:
-    """Widths of a LaVi-Bridge adapter: language-model hidden size, intermediate, diffusion context."""
+    """Widths of a LaVi-Bridge adapter: language-model hidden size, intermediate, diffusion context; and, for a
+    bridge to SDXL, the width of the pooled vector its pooled head makes (0: none, as every released adapter)."""
 
     in_dim: int
     int_dim: int
     out_dim: int
+    pooled_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in CONFIG_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_ADAPTER_WIDTH:
                 raise LaViBridgeFileError(f"adapter {name} must be a whole number from 1 to {MAX_ADAPTER_WIDTH}, got {value!r}")
+        if not isinstance(self.pooled_dim, int) or isinstance(self.pooled_dim, bool) or not 0 <= self.pooled_dim <= MAX_ADAPTER_WIDTH:
+            raise LaViBridgeFileError(f"adapter pooled_dim must be a whole number from 0 to {MAX_ADAPTER_WIDTH}, got {self.pooled_dim!r}")
 
     @property
     def released_pair(self) -> str | None:
@@ -108,7 +113,9 @@ class FeedForward(nn.Module):
 class TextAdapter(nn.Module):
     """``[B, T, in_dim] -> [B, T, out_dim]``: ``ff2(norm2(ff1(norm1(x))))``, every token on its own.
 
-    Returns the tensor itself (the official returns ``TextAdapterOutput(sample=...)``).
+    Returns the tensor itself (the official returns ``TextAdapterOutput(sample=...)``). A bridge to SDXL also
+    has a ``pooled_head`` (:class:`pooling.PooledHead`): :meth:`pooled` makes SDXL's pooled vector from the
+    adapter's tokens.
     """
 
     def __init__(self, config: TextAdapterConfig) -> None:
@@ -118,6 +125,12 @@ class TextAdapter(nn.Module):
         self.ff2 = FeedForward(config.int_dim, config.out_dim)
         self.norm1 = nn.LayerNorm(config.in_dim)
         self.norm2 = nn.LayerNorm(config.int_dim)
+        if config.pooled_dim:
+            self.pooled_head = PooledHead(config.out_dim, config.pooled_dim)
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """SDXL's ``[B, pooled_dim]`` vector from this adapter's output ``tokens``; None without a pooled head."""
+        return self.pooled_head(tokens) if self.config.pooled_dim else None
 
     @property
     def in_dim(self) -> int:

@@ -33,9 +33,27 @@ from .trained import (
     read_trained_bridge_metadata,
 )
 
-__all__ = ["TRAINED_BRIDGE_SUFFIX", "Bridge", "is_bridge", "load_bridge", "may_be_bridge", "probe_bridge", "released_recipe"]
+__all__ = [
+    "RELEASED_DIFFUSION_MODELS", "TRAINED_BRIDGE_SUFFIX", "Bridge", "diffusion_model_name", "is_bridge", "load_bridge",
+    "may_be_bridge", "probe_bridge", "released_recipe",
+]
 
 TRAINED_BRIDGE_SUFFIX = ".safetensors"
+# The diffusion model a released folder's recipe was trained for (a release names none: SD 1.4, PixArt-XL-2-512x512).
+RELEASED_DIFFUSION_MODELS = {
+    LaViBridgeRecipe.T5_UNET: "sd1", LaViBridgeRecipe.LLAMA2_UNET: "sd1", LaViBridgeRecipe.T5_TRANSFORMER: "pixart",
+}
+# The checkpoint to connect for a bridge to each diffusion model, for messages.
+CHECKPOINT_NAMES = {"sd1": "an SD1.x", "sdxl": "an SDXL", "pixart": "a PixArt"}
+
+
+def diffusion_model_name(key: str, detail: str | None = None) -> str:
+    """How messages name diffusion model ``key`` (``"sd1"``, ``"sdxl"``, ``"pixart"``), with ``detail`` inside its
+    parentheses: ``an SDXL U-Net (2048-wide text context + 1280-wide pooled; ComfyUI's SDXL)``."""
+    name = DIFFUSION_MODEL_NAMES.get(key, key)
+    if not detail:
+        return name
+    return f"{name[:-1]}; {detail})" if name.endswith(")") else f"{name} ({detail})"
 
 
 @dataclass(frozen=True)
@@ -51,18 +69,23 @@ class Bridge:
     text_pairs: Sequence[LoraPair]
     vision_source: str  # how messages name where each LoRA comes from
     text_source: str
-    trained_for: str | None = None  # a trained file's "sd1" / "pixart"; None: a release, implied by its recipe
+    trained_for: str | None = None  # a trained file's "sd1" / "sdxl" / "pixart"; None: a release, implied by its recipe
+
+    @property
+    def diffusion_model(self) -> str:
+        """``"sd1"``, ``"sdxl"`` or ``"pixart"``: what the file says it was trained for, or what a release's recipe was."""
+        return self.trained_for or RELEASED_DIFFUSION_MODELS[self.recipe]
 
     def check_diffusion_model(self, kind: str | None, connected: str) -> None:
-        """Refuse a trained bridge on another diffusion model than its own (``kind``: ``"sd1"``,
-        ``"pixart"`` or None for any other; ``connected`` describes it), naming both."""
+        """Refuse a trained bridge on another diffusion model than its own (``kind``: ``"sd1"``, ``"sdxl"``,
+        ``"pixart"`` or None for any other; ``connected`` describes it), naming both and the checkpoint to connect.
+        A release's recipe is checked against the MODEL where its LoRA targets are made (the nodes)."""
         if self.trained_for is None or kind == self.trained_for:
             return
-        wanted = DIFFUSION_MODEL_NAMES.get(self.trained_for, self.trained_for)
+        wanted = diffusion_model_name(self.trained_for, f"diffusion_model '{self.trained_for}', recipe {self.recipe.value}")
         raise LaViBridgeFileError(
-            f"{self.name} is a LaVi-Bridge trained for {wanted} (diffusion_model '{self.trained_for}', recipe "
-            f"{self.recipe.value}), but the connected MODEL is {connected}: connect a "
-            f"{'PixArt' if self.trained_for == 'pixart' else 'SD1.x'} checkpoint or pick a bridge trained for this MODEL"
+            f"{self.name} is a LaVi-Bridge trained for {wanted}, but the connected MODEL is {connected}: connect "
+            f"{CHECKPOINT_NAMES.get(self.trained_for, 'a matching')} checkpoint or pick a bridge trained for this MODEL"
         )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +31,7 @@ from .errors import LaViBridgeFileError  # one error class for the whole bridge 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LaViBridgeFileError", "LoraTarget", "UNetStructure", "SD1_UNET", "guess_lora_source", "lora_delta",
+    "LaViBridgeFileError", "LoraTarget", "UNetStructure", "SD1_UNET", "SDXL_UNET", "guess_lora_source", "lora_delta",
     "map_lora_pairs", "merged_state", "pixart_lora_targets", "read_lora_pairs", "text_lora_targets",
     "unet_lora_targets",
 ]
@@ -127,39 +127,166 @@ def _describe_mapping(obj: Mapping) -> str:
 # Target lists, in the official positional order
 
 
+Depth = int | tuple[int, ...]  # one block's transformer depth: the same for every layer, or one per layer
+
+
+def _tuples(value: object) -> object:
+    """JSON lists (nested too) as tuples, so a config read from a file compares and hashes like one written here."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _per_layer(depth: Depth, count: int) -> tuple[int, ...]:
+    return tuple(depth) if isinstance(depth, tuple) else (depth,) * count
+
+
 @dataclass(frozen=True)
 class UNetStructure:
     """What decides an SD-style ``UNet2DConditionModel``'s LoRA layers (diffusers ``config.json`` fields).
 
-    Defaults are SD1.x (v1.4 / v1.5, the U-Net LaVi-Bridge was trained on).
+    Defaults are SD1.x (v1.4 / v1.5, the U-Net LaVi-Bridge was trained on). ``transformer_layers_per_block`` is one
+    number, or one per down block, each a number or one per layer of the block (diffusers' forms; SDXL: 1, 2, 10).
+    Up blocks take them reversed, as diffusers builds them, unless ``reverse_transformer_layers_per_block`` gives
+    theirs (one per up block, each a number or one per layer: diffusers' field for asymmetric U-Nets such as
+    SSD-1B). The mid block takes the last down block's depth unless ``mid_transformer_layers`` says otherwise
+    (SDXL-family models ComfyUI loads, whose middle depth can differ); -1 there is ComfyUI's middle block of one
+    resnet and no attention (SSD-1B, Segmind-Vega). ``mid_block_type`` None: no mid block (KOALA-700M).
     """
 
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int = 2
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
     up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
     cross_attention_dim: int = 768
-    transformer_layers_per_block: int = 1
+    transformer_layers_per_block: int | tuple[Depth, ...] = 1
+    mid_transformer_layers: int | None = None
+    reverse_transformer_layers_per_block: tuple[Depth, ...] | None = None
 
     _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
     _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+    _MID = ("UNetMidBlock2DCrossAttn", None)
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> UNetStructure:
         """From a diffusers U-Net ``config.json`` dict; missing fields keep their diffusers defaults."""
         known = {
             "block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "mid_block_type",
-            "cross_attention_dim", "transformer_layers_per_block",
+            "cross_attention_dim", "transformer_layers_per_block", "reverse_transformer_layers_per_block",
         }
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known and v is not None}
-        for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
+        kwargs = {k: _tuples(v) for k, v in config.items() if k in known and v is not None}
+        if "mid_block_type" in config and config["mid_block_type"] is None:  # diffusers' U-Net without a mid block
+            kwargs["mid_block_type"] = None
+        for key in ("layers_per_block", "cross_attention_dim"):
             if not isinstance(kwargs.get(key, 1), int):
                 raise LaViBridgeFileError(
-                    f"U-Net config: per-block '{key}' ({kwargs[key]!r}) is not supported; LaVi-Bridge LoRAs exist for "
-                    "SD1.x U-Nets only (one int per field). Use an SD1.x config."
+                    f"U-Net config: per-block '{key}' ({kwargs[key]!r}) is not supported (one int per field): use the "
+                    "U-Net's own config.json"
                 )
         return cls(**kwargs)
+
+    @classmethod
+    def from_comfy_config(cls, unet_config: Mapping[str, object]) -> UNetStructure:
+        """The structure of a U-Net as ComfyUI detected it (``model.model.model_config.unet_config`` of an SD-style
+        ``UNetModel``, the form of ``comfy/model_detection.py``), in diffusers' terms: its targets are the diffusers
+        module names that ``comfy.utils.unet_to_diffusers`` maps onto that model's weights.
+
+        ``model_channels`` x ``channel_mult`` -> ``block_out_channels``; ``num_res_blocks`` (the same at every level)
+        -> ``layers_per_block``; ``transformer_depth`` (one per input resnet) -> each down block's depth, a block
+        without transformers being a ``DownBlock2D``; ``transformer_depth_output`` (one per output resnet, which
+        ComfyUI's output blocks take from the end) -> the up blocks'; ``transformer_depth_middle`` ->
+        ``mid_transformer_layers`` (-2: no mid block); ``context_dim`` -> ``cross_attention_dim``. Depths are
+        written in their shortest form, so SD1.5's config gives :data:`SD1_UNET` and SDXL base's :data:`SDXL_UNET`.
+        Pure data: no ComfyUI import.
+        """
+        where = "this MODEL's U-Net config (ComfyUI's unet_config)"
+        missing = [key for key in ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth",
+                                   "transformer_depth_output", "transformer_depth_middle", "context_dim")
+                   if unet_config.get(key) is None]
+        if missing:
+            raise LaViBridgeFileError(
+                f"{where} has no {', '.join(missing)}: it is not an SD-style U-Net with cross-attention (SD1.x, SDXL), "
+                "which LaVi-Bridge's U-Net LoRA is for"
+            )
+        for key in ("disable_self_attentions", "num_attention_blocks"):
+            value = unet_config.get(key)
+            if value is not None and (key == "num_attention_blocks" or any(value)):
+                raise LaViBridgeFileError(f"{where}: {key} = {value!r} is not supported; LaVi-Bridge LoRA targets "
+                                          "assume every transformer has its self-attention (SD1.x, SDXL)")
+        try:
+            mult = [int(m) for m in unet_config["channel_mult"]]
+            channels = tuple(int(unet_config["model_channels"]) * m for m in mult)
+            levels = len(mult)
+            res = unet_config["num_res_blocks"]
+            res = [int(res)] * levels if isinstance(res, int) else [int(r) for r in res]
+            depth_in, depth_out = (unet_config[key] for key in ("transformer_depth", "transformer_depth_output"))
+            depth_in = [int(depth_in)] * sum(res) if isinstance(depth_in, int) else [int(d) for d in depth_in]
+            depth_out = [int(depth_out)] * (sum(res) + levels) if isinstance(depth_out, int) else [int(d) for d in depth_out]
+            middle, context = int(unet_config["transformer_depth_middle"]), unet_config["context_dim"]
+        except (TypeError, ValueError) as exc:
+            raise LaViBridgeFileError(f"{where} is not in ComfyUI's U-Net form ({exc})") from None
+        if len(res) != levels or len(set(res)) != 1:
+            raise LaViBridgeFileError(
+                f"{where}: num_res_blocks {res} for {levels} levels; LaVi-Bridge LoRA targets need the same number of "
+                "resnets in every down block (one layers_per_block, as diffusers' SD1.x and SDXL U-Nets)"
+            )
+        layers = res[0]
+        if len(depth_in) != levels * layers or len(depth_out) != levels * (layers + 1):
+            raise LaViBridgeFileError(
+                f"{where}: {len(depth_in)} input and {len(depth_out)} output transformer depths for {levels} levels of "
+                f"{layers} resnets (expected {levels * layers} and {levels * (layers + 1)})"
+            )
+        if not isinstance(context, int) or isinstance(context, bool):
+            raise LaViBridgeFileError(f"{where}: context_dim {context!r} is not one width; LaVi-Bridge needs cross-attention")
+        if middle < -2:
+            raise LaViBridgeFileError(f"{where}: transformer_depth_middle {middle} is not ComfyUI's (-2, -1 or a depth)")
+        down = [tuple(depth_in[i * layers:(i + 1) * layers]) for i in range(levels)]
+        from_end = depth_out[::-1]  # ComfyUI's output blocks pop their depth from the end of the list
+        up = [tuple(from_end[i * (layers + 1):(i + 1) * (layers + 1)]) for i in range(levels)]
+        down_types = tuple("CrossAttnDownBlock2D" if any(d) else "DownBlock2D" for d in down)
+        up_types = tuple("CrossAttnUpBlock2D" if any(d) else "UpBlock2D" for d in up)
+        # A block without transformers has no depth that matters; give it the others' common one (diffusers'
+        # default 1 when they differ), so the depths collapse to one number wherever they can.
+        crossed = {d for block in down + up if any(block) for d in block}
+        filler = crossed.pop() if len(crossed) == 1 else 1
+
+        def short(block: tuple[int, ...]) -> Depth:
+            return (block[0] if len(set(block)) == 1 else block) if any(block) else filler
+
+        per_down = tuple(short(d) for d in down)
+        structure = cls(
+            block_out_channels=channels, layers_per_block=layers, down_block_types=down_types, up_block_types=up_types,
+            mid_block_type=None if middle == -2 else "UNetMidBlock2DCrossAttn", cross_attention_dim=context,
+            transformer_layers_per_block=per_down[0] if len(set(per_down)) == 1 else per_down,
+        )
+        if any(isinstance(d, tuple) for d in per_down) or structure._effective_up() != tuple(
+                block if any(block) else (0,) * (layers + 1) for block in up):
+            structure = replace(structure, reverse_transformer_layers_per_block=tuple(short(u) for u in up))
+        if middle != -2 and middle != structure.layer_depths()[2]:
+            structure = replace(structure, mid_transformer_layers=middle)
+        return structure
+
+    def layer_depths(self) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...], int]:
+        """Transformer depth of every layer of each down block, of each up block, and the mid block's (-1: one
+        resnet, no attention)."""
+        n, layers = len(self.block_out_channels), self.layers_per_block
+        per_block = self.transformer_layers_per_block
+        down = per_block if isinstance(per_block, tuple) else (per_block,) * n
+        up = self.reverse_transformer_layers_per_block or tuple(reversed(down))
+        mid = self.mid_transformer_layers
+        if mid is None:
+            mid = _per_layer(down[-1], layers)[0]
+        return tuple(_per_layer(d, layers) for d in down), tuple(_per_layer(d, layers + 1) for d in up), mid
+
+    def depths(self) -> tuple[tuple[Depth, ...], tuple[Depth, ...], int]:
+        """Transformer depth of each down block, each up block (a number, or one per layer), and the mid block."""
+        per_block = self.transformer_layers_per_block
+        down = per_block if isinstance(per_block, tuple) else (per_block,) * len(self.block_out_channels)
+        return down, self.reverse_transformer_layers_per_block or tuple(reversed(down)), self.layer_depths()[2]
+
+    def _effective_up(self) -> tuple[tuple[int, ...], ...]:
+        """Each up block's per-layer depths, zero in a block without attention."""
+        return tuple(depths if kind == "CrossAttnUpBlock2D" else (0,) * len(depths)
+                     for kind, depths in zip(self.up_block_types, self.layer_depths()[1], strict=True))
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
@@ -171,14 +298,37 @@ class UNetStructure:
         unknown = [t for t in self.down_block_types if t not in self._DOWN] + [
             t for t in self.up_block_types if t not in self._UP
         ]
-        if unknown or self.mid_block_type != "UNetMidBlock2DCrossAttn":
+        if unknown or self.mid_block_type not in self._MID:
             raise LaViBridgeFileError(
-                f"U-Net config: block types {unknown or [self.mid_block_type]} are not supported; only the SD1.x/SD2 "
-                f"blocks {self._DOWN + self._UP + ('UNetMidBlock2DCrossAttn',)} are. Use an SD1.x U-Net."
+                f"U-Net config: block types {unknown or [self.mid_block_type]} are not supported; only the SD1.x/SD2/SDXL "
+                f"blocks {self._DOWN + self._UP + ('UNetMidBlock2DCrossAttn',)} are. Use an SD1.x or SDXL U-Net."
             )
-
+        per_block, reverse = self.transformer_layers_per_block, self.reverse_transformer_layers_per_block
+        for field_name, blocks, layers in (("transformer_layers_per_block", per_block, self.layers_per_block),
+                                           ("reverse_transformer_layers_per_block", reverse, self.layers_per_block + 1)):
+            if blocks is None or isinstance(blocks, int):
+                continue
+            if len(blocks) != n:
+                raise LaViBridgeFileError(f"U-Net config: {len(blocks)} {field_name} for {n} blocks; use the model's own config.json")
+            wrong = [b for b in blocks if isinstance(b, tuple) and len(b) != layers]
+            if wrong:
+                raise LaViBridgeFileError(f"U-Net config: {field_name} {wrong[0]!r} for blocks of {layers} layers; "
+                                          "use the model's own config.json")
+        if isinstance(per_block, tuple) and reverse is None and any(isinstance(b, tuple) for b in per_block):
+            raise LaViBridgeFileError("U-Net config: per-layer transformer_layers_per_block needs "
+                                      "reverse_transformer_layers_per_block (as diffusers asks); use the model's own config.json")
+        depths = [d for blocks in self.layer_depths()[:2] for block in blocks for d in block]
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in depths) or self.layer_depths()[2] < -1:
+            raise LaViBridgeFileError(f"U-Net config: transformer depths must be whole numbers from 0 (mid block: from -1), "
+                                      f"got {self.transformer_layers_per_block!r}, {reverse!r}, {self.mid_transformer_layers!r}")
 
 SD1_UNET = UNetStructure()
+# SDXL base 1.0's U-Net (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json).
+SDXL_UNET = UNetStructure(
+    block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10),
+)
 
 
 def _transformer_targets(prefix: str, dim: int, context_dim: int, depth: int) -> list[LoraTarget]:
@@ -220,7 +370,8 @@ def unet_lora_targets(unet_config: UNetStructure | Mapping[str, object] = SD1_UN
     cfg = unet_config if isinstance(unet_config, UNetStructure) else UNetStructure.from_config(unet_config)
     channels = cfg.block_out_channels
     temb = 4 * channels[0]
-    ctx, depth, layers = cfg.cross_attention_dim, cfg.transformer_layers_per_block, cfg.layers_per_block
+    ctx, layers = cfg.cross_attention_dim, cfg.layers_per_block
+    down_depths, up_depths, mid_depth = cfg.layer_depths()
     targets: list[LoraTarget] = []
 
     skip_channels = [channels[0]]  # conv_in's output, then every down resnet / downsampler output
@@ -230,7 +381,7 @@ def unet_lora_targets(unet_config: UNetStructure | Mapping[str, object] = SD1_UN
         prefix = f"down_blocks.{i}"
         if block_type == "CrossAttnDownBlock2D":
             for j in range(layers):
-                targets += _transformer_targets(f"{prefix}.attentions.{j}", out_ch, ctx, depth)
+                targets += _transformer_targets(f"{prefix}.attentions.{j}", out_ch, ctx, down_depths[i][j])
         for j in range(layers):
             targets += _resnet_targets(f"{prefix}.resnets.{j}", in_ch if j == 0 else out_ch, out_ch, temb)
             skip_channels.append(out_ch)
@@ -244,16 +395,19 @@ def unet_lora_targets(unet_config: UNetStructure | Mapping[str, object] = SD1_UN
         prefix = f"up_blocks.{i}"
         if block_type == "CrossAttnUpBlock2D":
             for j in range(layers + 1):
-                targets += _transformer_targets(f"{prefix}.attentions.{j}", out_ch, ctx, depth)
+                targets += _transformer_targets(f"{prefix}.attentions.{j}", out_ch, ctx, up_depths[i][j])
         for j in range(layers + 1):
             skip = skip_channels.pop()
             in_ch = prev_out if j == 0 else out_ch
             targets += _resnet_targets(f"{prefix}.resnets.{j}", in_ch + skip, out_ch, temb)
         prev_out = out_ch
 
+    if cfg.mid_block_type is None:
+        return targets
     mid = channels[-1]
-    targets += _transformer_targets("mid_block.attentions.0", mid, ctx, depth)
-    for j in range(2):
+    if mid_depth >= 0:
+        targets += _transformer_targets("mid_block.attentions.0", mid, ctx, mid_depth)
+    for j in range(2 if mid_depth >= 0 else 1):  # -1: ComfyUI's middle block of one resnet
         targets += _resnet_targets(f"mid_block.resnets.{j}", mid, mid, temb)
     return targets
 

@@ -12,7 +12,8 @@ size or any adapter width loads without guessing:
   Llama), and ``adapter.<key>`` for the :class:`TextAdapter`;
 - metadata ``format`` = ``x2i.lavibridge``, ``format_version``, ``recipe`` (how prompts are tokenised and
   encoded: ``t5_unet``, ``llama2_unet``, ``t5_transformer``), ``language_model_family``, ``max_length``,
-  ``use_attention_mask``, ``diffusion_model`` (``sd1`` / ``pixart``), ``context_dim``, ``adapter_config``,
+  ``use_attention_mask``, ``diffusion_model`` (``sd1`` / ``pixart`` / ``sdxl``), ``context_dim``, ``adapter_config``
+  (with ``pooled_dim`` for SDXL, whose adapter has a pooled head: tensors ``adapter.pooled_head.*``),
   ``lora_rank``, ``lora_scale`` (always 1.0: ``y = W x + up(down(x))``, ComfyUI's alpha = rank),
   ``vision_layers`` / ``text_layers`` (module names in the official positional order, so the pairs map
   with :func:`map_lora_pairs` exactly like a released file), and ``training_config`` (JSON).
@@ -46,16 +47,25 @@ __all__ = [
 ]
 
 FORMAT_NAME = "x2i.lavibridge"
+# 1: bridges to SD1.x and PixArt. 2: bridges to SDXL (a pooled head in the adapter); written only for those, so
+# every pack that reads version 1 still reads the SD1.x and PixArt bridges trained today, and an older pack
+# says to update when it meets an SDXL bridge.
 FORMAT_VERSION = "1"
-DIFFUSION_MODELS = ("sd1", "pixart")
+FORMAT_VERSION_SDXL = "2"
+SUPPORTED_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_SDXL)
+DIFFUSION_MODELS = ("sd1", "pixart", "sdxl")
 # What each names, for messages.
-DIFFUSION_MODEL_NAMES = {"sd1": "an SD1.x U-Net (768-wide text context)", "pixart": "PixArt-XL-2"}
+DIFFUSION_MODEL_NAMES = {"sd1": "an SD1.x U-Net (768-wide text context)", "pixart": "PixArt-XL-2",
+                         "sdxl": "an SDXL U-Net (2048-wide text context + 1280-wide pooled)"}
 LANGUAGE_MODEL_FAMILIES = ("t5", "llama")
 # The recipe each (language model, diffusion model) pair is trained and prompted with.
 RECIPES: dict[tuple[str, str], LaViBridgeRecipe] = {
     ("t5", "sd1"): LaViBridgeRecipe.T5_UNET,
     ("llama", "sd1"): LaViBridgeRecipe.LLAMA2_UNET,
     ("t5", "pixart"): LaViBridgeRecipe.T5_TRANSFORMER,
+    # SDXL reads 77 tokens like SD1.x: the language model is prompted as for the U-Net recipes.
+    ("t5", "sdxl"): LaViBridgeRecipe.T5_UNET,
+    ("llama", "sdxl"): LaViBridgeRecipe.LLAMA2_UNET,
 }
 UP, DOWN = "lora_up.weight", "lora_down.weight"
 ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -157,6 +167,9 @@ def save_trained_bridge(
         raise ValueError("a bridge needs its vision LoRA")
     if adapter.config.out_dim != context_dim:
         raise ValueError(f"adapter gives {adapter.config.out_dim}-wide features but context_dim is {context_dim}")
+    if bool(adapter.config.pooled_dim) != (diffusion_model == "sdxl"):
+        raise ValueError(f"a bridge to {diffusion_model} {'needs' if diffusion_model == 'sdxl' else 'has no'} pooled head, "
+                         f"the adapter's pooled_dim is {adapter.config.pooled_dim}")
     rank = None
     tensors: dict[str, torch.Tensor] = {}
     for prefix, pairs in (("vision", vision_lora), ("text", text_lora)):
@@ -168,7 +181,7 @@ def save_trained_bridge(
     config = text_config(recipe)
     metadata = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION_SDXL if diffusion_model == "sdxl" else FORMAT_VERSION,
         "recipe": recipe.value,
         "language_model_family": family,
         "language_model": language_model,
@@ -176,7 +189,8 @@ def save_trained_bridge(
         "use_attention_mask": json.dumps(config.use_attention_mask),
         "diffusion_model": diffusion_model,
         "context_dim": str(context_dim),
-        "adapter_config": json.dumps({"in_dim": adapter.config.in_dim, "int_dim": adapter.config.int_dim, "out_dim": adapter.config.out_dim}),
+        "adapter_config": json.dumps({"in_dim": adapter.config.in_dim, "int_dim": adapter.config.int_dim, "out_dim": adapter.config.out_dim,
+                                      **({"pooled_dim": adapter.config.pooled_dim} if adapter.config.pooled_dim else {})}),
         "lora_rank": str(rank),
         "lora_scale": "1.0",
         "vision_layers": json.dumps(list(vision_lora)),
@@ -221,10 +235,10 @@ def read_trained_bridge_metadata(path: str | os.PathLike[str]) -> dict[str, str]
         ) from exc
     if metadata.get("format") != FORMAT_NAME:
         raise LaViBridgeFileError(f"{path.name} is not a LaVi-Bridge file of this pack: it looks like {_what_else(path, metadata, keys)}. {_FIX}")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in SUPPORTED_VERSIONS:
         raise LaViBridgeFileError(
             f"{path.name} has LaVi-Bridge format version {metadata.get('format_version')!r}; this ComfyUI-X2I reads "
-            f"version {FORMAT_VERSION}. Update the node pack."
+            f"versions {', '.join(SUPPORTED_VERSIONS)}. Update the node pack."
         )
     return metadata
 
@@ -272,8 +286,9 @@ def load_trained_bridge(path: str | os.PathLike[str], dtype: torch.dtype = torch
         raise LaViBridgeFileError(f"{source}: recipe {recipe.value} does not belong to a {family} bridge to {diffusion_model}")
     adapter_config = _metadata_field(source, metadata, "adapter_config", _json)
     try:
-        config = TextAdapterConfig(**{k: adapter_config[k] for k in ("in_dim", "int_dim", "out_dim")})
-    except (KeyError, TypeError) as exc:
+        config = TextAdapterConfig(**{k: adapter_config[k] for k in ("in_dim", "int_dim", "out_dim")},
+                                   pooled_dim=adapter_config.get("pooled_dim", 0))
+    except (KeyError, TypeError, AttributeError) as exc:
         raise LaViBridgeFileError(f"{source}: adapter_config {adapter_config!r} lacks in_dim/int_dim/out_dim. {_FIX}") from exc
     vision_names = _metadata_field(source, metadata, "vision_layers", _json)
     text_names = _metadata_field(source, metadata, "text_layers", _json)
@@ -307,6 +322,9 @@ def load_trained_bridge(path: str | os.PathLike[str], dtype: torch.dtype = torch
     adapter = adapter.to(dtype).eval().requires_grad_(False)
     if config.out_dim != context_dim:
         raise LaViBridgeFileError(f"{source}: the adapter gives {config.out_dim}-wide features but context_dim is {context_dim}")
+    if bool(config.pooled_dim) != (diffusion_model == "sdxl"):
+        raise LaViBridgeFileError(f"{source}: a bridge to {diffusion_model} with adapter pooled_dim {config.pooled_dim}; the file was "
+                                  f"edited. {_FIX}")
     config_text = text_config(recipe)
     max_length = _metadata_field(source, metadata, "max_length", int)
     use_mask = _metadata_field(source, metadata, "use_attention_mask", _json)

@@ -34,7 +34,12 @@ from .modules import GlueNet
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "x2i.gluenet"
+# 1: SD1.x GlueNets. 2: GlueNets with a target family and a pooled head (SDXL); written only for those, so
+# every pack that reads version 1 still reads the SD1 files trained today, and an older pack says to update
+# when it meets an SDXL file instead of failing on the pooled head's weights.
 FORMAT_VERSION = "1"
+FORMAT_VERSION_SDXL = "2"
+SUPPORTED_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_SDXL)
 SUFFIXES = (".safetensors", *TORCH_PICKLE_SUFFIXES)
 
 # Language names as they appear in released file names (gluenet_French_clip_...), to ISO 639-1.
@@ -180,10 +185,10 @@ def config_from_metadata(metadata: Mapping[str, str]) -> GlueNetConfig | None:
     if metadata.get("format") != FORMAT_NAME:
         return None
     version = metadata.get("format_version", "")
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise GlueNetFileError(
             f"GlueNet file format version {version!r} is not supported by this ComfyUI-X2I "
-            f"(supports {FORMAT_VERSION}); update the node pack"
+            f"(supports {', '.join(SUPPORTED_VERSIONS)}); update the node pack"
         )
     try:
         return GlueNetConfig.from_json(metadata["config"])
@@ -214,7 +219,9 @@ def load_gluenet(path: str | os.PathLike[str]) -> GlueNet:
 
 def save_gluenet(model: GlueNet, path: str | os.PathLike[str], extra_metadata: Mapping[str, str] | None = None) -> None:
     """Write ``model`` in this pack's format, atomically (temp file in the same folder, then rename)."""
-    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
+    plain_sd1 = model.config.target == "sd1" and not model.config.pooled_dim and model.config.output_norm is None
+    version = FORMAT_VERSION if plain_sd1 else FORMAT_VERSION_SDXL
+    metadata = {"format": FORMAT_NAME, "format_version": version, "config": model.config.to_json()}
     metadata.update(extra_metadata or {})
     save_safetensors_atomic(model.state_dict(), path, metadata)
 

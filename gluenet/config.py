@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ..errors import X2IError
+from ..families import FAMILIES, SD1, family
 from ..weights import config_from_json
 
 Architecture = Literal["translator", "translator_noln", "translator_w_head", "translator_attn"]
@@ -58,6 +59,16 @@ class GlueNetConfig:
     output_scaling: OutputScaling = "tensor_norm_half"
     language: str | None = None
     encoder_hint: str | None = None
+    # The model family whose conditioning the GlueNet produces (families.py): "sd1" (the released GlueNets)
+    # or "sdxl" (77 x 2048 tokens plus a pooled vector from the pooled head).
+    target: str = SD1.key
+    # Per-token norms for 'tensor_norm_half' when they are not CLIP ViT-L/14's (SDXL: measured on the
+    # training targets, as GlueGen measured CLIP's); None: the official CLIP ViT-L/14 values.
+    output_norm: tuple[float, ...] | None = None
+    # The pooled head's output width (SDXL: 1280) and the mean norm of the pooled vectors it was trained on
+    # (it predicts pooled / pooled_norm, a unit-scale target like the tokens').
+    pooled_dim: int = 0
+    pooled_norm: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +95,28 @@ class GlueNetConfig:
                 "output_scaling 'tensor_norm_half' is defined for 77 CLIP tokens only; "
                 f"this GlueNet outputs {self.tokens_out} tokens (use output_scaling='none')"
             )
+        if self.target not in FAMILIES:
+            raise GlueNetConfigError(f"GlueNet target {self.target!r} is not a model family this pack knows "
+                                     f"({', '.join(FAMILIES)}); update the node pack")
+        if self.output_norm is not None:
+            object.__setattr__(self, "output_norm", tuple(float(v) for v in self.output_norm))
+            if len(self.output_norm) != self.tokens_out or not all(0 < v < 1e6 for v in self.output_norm):
+                raise GlueNetConfigError(f"output_norm must be {self.tokens_out} positive numbers, one per output token")
+        expected = family(self.target)
+        if expected.pooled_dim:
+            if (self.out_dim, self.pooled_dim, self.tokens_out) != (expected.token_width, expected.pooled_dim, 77):
+                raise GlueNetConfigError(
+                    f"a GlueNet for {expected.name} outputs 77 x {expected.token_width} tokens and a {expected.pooled_dim}-wide "
+                    f"pooled vector, this one {self.tokens_out} x {self.out_dim} and {self.pooled_dim}"
+                )
+            if not 0 < self.pooled_norm < 1e6:
+                raise GlueNetConfigError(f"pooled_norm must be positive, got {self.pooled_norm}")
+        elif self.pooled_dim:
+            raise GlueNetConfigError(f"a GlueNet for {expected.name} has no pooled head (pooled_dim 0), got {self.pooled_dim}")
+
+    @property
+    def family(self):
+        return family(self.target)
 
     @property
     def tokens_out(self) -> int:

@@ -32,3 +32,14 @@ def top_k_fusion(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
         a, b = a.expand(batch, -1, -1), b.expand(batch, -1, -1)
     b = b.to(device=a.device, dtype=a.dtype)
     return torch.cat([a[:, :k], b[:, :k], (a[:, 2 * k:] + b[:, 2 * k:]) / 2], dim=1)
+
+
+def average_pooled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The pooled vector of a fused SDXL conditioning: the mean of both inputs' (as the tokens past 2K are), a
+    batch of 1 broadcast as in :func:`top_k_fusion`."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise X2IError(f"top-K fusion needs pooled vectors of one width, got {tuple(a.shape)} and {tuple(b.shape)}: fuse "
+                       "conditionings made for the same model")
+    if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
+        raise X2IError(f"top-K fusion cannot pair batches of {a.shape[0]} and {b.shape[0]}: use equal batches or one of 1")
+    return (a + b.to(device=a.device, dtype=a.dtype)) / 2

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import X2IError
+from ..pooling import PooledHead
 from .config import GlueNetConfig
 from .scaling import clip_tensor_norm
 
@@ -155,8 +156,10 @@ class GlueNet(nn.Module):
                 self.attn = TransformerLayers(c.in_dim, 1, c.attn_heads, c.attn_dim_head)
             self.blocks = nn.ModuleList(MixerBlock(c.num_tokens, c.in_dim, c.in_dim, c.mult) for _ in range(c.depth))
             self.tail = MixerBlock(c.num_tokens, c.in_dim, c.out_dim, c.mult, layer_norm=c.architecture != "translator_noln")
-        # Not persistent: the released state_dicts do not carry it and must load strictly.
-        self.register_buffer("output_scale", clip_tensor_norm() / 2, persistent=False)
+        if c.pooled_dim:
+            self.pooled_head = PooledHead(c.out_dim, c.pooled_dim)
+        # Not persistent: the released state_dicts do not carry it and must load strictly (it comes from the config).
+        self.register_buffer("output_scale", clip_tensor_norm(c.output_norm) / 2, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.architecture == "translator_w_head":
@@ -215,11 +218,17 @@ class GlueNet(nn.Module):
         """Source-encoder features ``[B, T, D_in]`` (or ``[B, T*D_in]`` embeddings) to target
         conditioning ``[B, T_out, D_out]``, with the official scaling:
         ``GlueNet(features / input_divisor) * tensor_norm / 2``."""
+        return self.translate_with_pooled(features, source)[0]
+
+    def translate_with_pooled(self, features: torch.Tensor, source: str = "the encoder") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`translate`'s tokens and, for a GlueNet with a pooled head (SDXL), the pooled vector
+        ``[B, pooled_dim]`` at the target's scale; ``None`` otherwise."""
         param = next(self.parameters())
         x = self.as_tokens(features, source).to(device=param.device, dtype=param.dtype)
         if self.config.input_divisor != 1.0:
             x = x / self.config.input_divisor
         y = self(x)
+        pooled = self.pooled_head(y) * self.config.pooled_norm if self.config.pooled_dim else None
         if self.config.output_scaling == "tensor_norm_half":
             y = y * self.output_scale.to(device=y.device, dtype=y.dtype)
-        return y
+        return y, pooled

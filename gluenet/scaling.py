@@ -19,6 +19,12 @@ CLIP_L_TENSOR_NORM: tuple[float, ...] = (
 )
 
 
-def clip_tensor_norm() -> torch.Tensor:
-    """``[77, 1]`` float32 tensor of :data:`CLIP_L_TENSOR_NORM`."""
-    return torch.tensor(CLIP_L_TENSOR_NORM, dtype=torch.float32).unsqueeze(1)
+def clip_tensor_norm(norms: tuple[float, ...] | None = None) -> torch.Tensor:
+    """``[T, 1]`` float32 tensor of per-token norms: ``norms`` (a GlueNet's measured ones), else
+    :data:`CLIP_L_TENSOR_NORM`."""
+    return torch.tensor(CLIP_L_TENSOR_NORM if norms is None else norms, dtype=torch.float32).unsqueeze(1)
+
+
+def per_token_norm(targets: torch.Tensor) -> tuple[float, ...]:
+    """GlueGen's ``tensor_norm`` of other targets: the mean L2 norm of each token position over ``[N, T, D]``."""
+    return tuple(float(v) for v in targets.float().norm(dim=-1).mean(dim=0))

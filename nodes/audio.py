@@ -1,4 +1,4 @@
-"""Sound to image: AudioCLIP or CLAP embeddings through a sound GlueNet into SD1.x conditioning."""
+"""Sound to image: AudioCLIP or CLAP embeddings through a sound GlueNet into conditioning for its model family (SD1.x, SDXL)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class X2IGlueGenAudioEncode(X2INode):
             node_id="X2IGlueGenAudioEncode",
             display_name="X2I GlueGen Audio Encode",
             category=f"{CATEGORY}/gluegen",
-            description="Turns sound (from Load Audio) into SD1.x conditioning through a sound GlueNet. One "
+            description="Turns sound (from Load Audio) into SD1.x or SDXL conditioning through a sound GlueNet. One "
             "conditioning per clip of the batch. For the negative, use CLIP Text Encode with an empty prompt.",
             inputs=[
                 X2IEncoder.Input("encoder", tooltip=ENCODER_INPUT_TOOLTIP),

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import comfy.hooks
 import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
@@ -18,6 +19,7 @@ from comfy_api.v0_0_2 import io
 from torch import nn
 
 from ..errors import X2IError, X2IFileNotFoundError
+from ..families import FAMILIES, SDXL_SIZE_CONDITIONING, Family, family_of_unet
 from ..paths import find_in_folders
 from ..weights import DTYPES as _DTYPES
 
@@ -44,7 +46,8 @@ ENCODER_INPUT_TOOLTIP = "The encoder from the matching X2I loader; its features 
 GLUENET_INPUT_TOOLTIP = "A GlueNet from X2I GlueNet Loader or Router, trained for this encoder."
 ENCODER_OUTPUT_TOOLTIP = "The loaded encoder, managed by ComfyUI's model management; connect it to an X2I encode node."
 GLUENET_OUTPUT_TOOLTIP = "The GlueNet, for X2I GlueGen encode nodes or the GlueNet Router."
-CONDITIONING_OUTPUT_TOOLTIP = "SD1.x conditioning (77 tokens × 768), for KSampler's positive or negative."
+CONDITIONING_OUTPUT_TOOLTIP = ("Conditioning for the model family the GlueNet was made for (SD1.x: 77 tokens × 768; SDXL: 77 × 2048 "
+                               "plus the pooled vector and 1024² size conditioning), for KSampler's positive or negative.")
 
 
 def register_model_folder(name: str, extensions: Iterable[str]) -> None:
@@ -157,20 +160,86 @@ class LoadedGlueNet:
     language: str | None
 
 
-def to_conditioning(tokens: torch.Tensor) -> list:
-    """Wrap ``[B, T, C]`` embeddings the way CLIPTextEncode does, on ComfyUI's intermediate device."""
-    return [[tokens.to(device=mm.intermediate_device(), dtype=torch.float32), {}]]
+def model_family(model: comfy.model_patcher.ModelPatcher) -> tuple[Family | None, str]:
+    """The family whose conditioning a ComfyUI MODEL reads (None: one the pack makes none for) and its name as
+    ComfyUI detected it (``SDXL``, ``Segmind_Vega``, ``SD15`` ...)."""
+    config = getattr(model.model, "model_config", None)
+    unet = getattr(config, "unet_config", None) or {}
+    name = type(config).__name__ if config is not None else type(model.model).__name__
+    return family_of_unet(unet.get("context_dim"), unet.get("adm_in_channels")), name
+
+
+def check_model_family(model: comfy.model_patcher.ModelPatcher, expected: Family, made: str) -> None:
+    """Refuse ``made`` (what was made for ``expected``) on a model of a family the pack makes conditioning for
+    that is another one, naming both. A model of no such family (U-ViT, PixArt ...) is left to its own checks."""
+    actual, name = model_family(model)
+    if actual is not None and actual != expected:
+        raise X2IError(
+            f"{made} is for {expected.name} ({expected.token_width}-wide tokens"
+            f"{f' + {expected.pooled_dim}-wide pooled' if expected.pooled_dim else ''}), but the model is {name}, an "
+            f"{actual.name} model ({actual.token_width}-wide{f' + {actual.pooled_dim}-wide pooled' if actual.pooled_dim else ''}): "
+            f"use one made for {actual.name}, or an {expected.name} checkpoint"
+        )
+
+
+class FamilyCheck(comfy.hooks.AdditionalModelsHook):
+    """Refuses X2I conditioning on a model of another family when sampling starts, naming both, instead of a
+    matrix-shape error deep in the U-Net.
+
+    ComfyUI shows a conditioning to its model only inside the sampler; a conditioning hook is the one place it
+    offers that sees both (``prepare_model_patcher`` calls ``add_hook_patches`` with the model). It registers
+    nothing and adds no model or weight patch. All X2I conditioning of one family shares one :class:`HookGroup`
+    (:data:`FAMILY_HOOKS`): ComfyUI batches conditionings by hook group, so an X2I positive and negative still
+    run in one batch (next to a core-encoded conditioning they run as two)."""
+
+    def __init__(self, family_key: str = "sd1") -> None:
+        super().__init__(models=[], key=f"x2i.family.{family_key}")
+        self.family_key = family_key
+
+    def clone(self) -> FamilyCheck:
+        copy = super().clone()
+        copy.family_key = self.family_key
+        return copy
+
+    def add_hook_patches(self, model, model_options, target_dict, registered) -> bool:
+        check_model_family(model, FAMILIES[self.family_key], "This X2I conditioning (from a GlueNet or a LaVi-Bridge)")
+        return False
+
+
+def _family_hooks(key: str) -> comfy.hooks.HookGroup:
+    group = comfy.hooks.HookGroup()
+    group.add(FamilyCheck(key))
+    return group
+
+
+FAMILY_HOOKS: dict[str, comfy.hooks.HookGroup] = {key: _family_hooks(key) for key in FAMILIES}
+
+
+def to_conditioning(tokens: torch.Tensor, pooled: torch.Tensor | None = None, family: Family | None = None) -> list:
+    """Wrap ``[B, T, C]`` embeddings the way CLIPTextEncode does, on ComfyUI's intermediate device; with a pooled
+    ``[B, P]`` vector, as CLIPTextEncodeSDXL does (its default 1024² size conditioning). ``family``: checked
+    against the model when sampling starts (:class:`FamilyCheck`)."""
+    device = mm.intermediate_device()
+    options: dict = {}
+    if pooled is not None:
+        options.update(pooled_output=pooled.to(device=device, dtype=torch.float32), **SDXL_SIZE_CONDITIONING)
+    if family is not None:
+        options["hooks"] = FAMILY_HOOKS[family.key]
+    return [[tokens.to(device=device, dtype=torch.float32), options]]
 
 
 def translate_to_conditioning(encoder, gluenet: LoadedGlueNet, encode: Callable[[], torch.Tensor]) -> list:
-    """Load the encoder and the GlueNet where ComfyUI wants them, encode, translate, wrap.
+    """Load the encoder and the GlueNet where ComfyUI wants them, encode, translate, wrap (with the pooled
+    vector and size conditioning of an SDXL GlueNet).
 
     ``encode`` runs after loading, so it sees both models on their load device.
     """
     mm.throw_exception_if_processing_interrupted()
     load_fully([encoder, gluenet.patcher])
     features = encode()
-    return to_conditioning(gluenet.patcher.model.translate(features, f"encoder '{encoder.model.name}'"))
+    translator = gluenet.patcher.model
+    tokens, pooled = translator.translate_with_pooled(features, f"encoder '{encoder.model.name}'")
+    return to_conditioning(tokens, pooled, translator.config.family)
 
 
 def encoder_with(encoder, method: str, loader: str) -> nn.Module:

@@ -1,4 +1,4 @@
-"""GlueGen nodes: GlueNet files in, plain SD1.x CONDITIONING out."""
+"""GlueGen nodes: GlueNet files in, CONDITIONING for the GlueNet's model family (SD1.x or SDXL) out."""
 
 from __future__ import annotations
 
@@ -122,6 +122,11 @@ class X2IGlueNetRouter(X2INode):
                     "connect one per language"
                 )
             entries[loaded.language] = loaded
+        families = {loaded.name: loaded.patcher.model.config.family.name for loaded in entries.values()}
+        if len(set(families.values())) > 1:
+            listed = ", ".join(f"{name} ({name_of_family})" for name, name_of_family in families.items())
+            raise X2IError(f"the GlueNet Router's GlueNets are for different model families: {listed}; connect GlueNets "
+                           "made for the model you sample with")
         return io.NodeOutput(GlueNetRouter(entries, language=language))
 
 
@@ -133,8 +138,8 @@ class X2IGlueGenTextEncode(X2INode):
             display_name="X2I GlueGen Text Encode",
             category=f"{CATEGORY}/gluegen",
             description="Encodes a prompt with the X2I text encoder and translates it through a GlueNet into "
-            "SD1.x conditioning (official recipe: GlueNet(features / 3) x tensor_norm / 2). An empty prompt is "
-            "the unconditional.",
+            "conditioning for the GlueNet's model family: SD1.x, or SDXL with its pooled vector (official recipe: "
+            "GlueNet(features / 3) x tensor_norm / 2). An empty prompt is the unconditional.",
             inputs=[
                 X2IEncoder.Input("encoder", tooltip=ENCODER_INPUT_TOOLTIP),
                 GlueNetType.Input("gluenet", tooltip=GLUENET_INPUT_TOOLTIP),

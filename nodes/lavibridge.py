@@ -1,4 +1,4 @@
-"""LaVi-Bridge: a language model joins the user's own SD1.x or PixArt MODEL through an adapter plus LoRA in both.
+"""LaVi-Bridge: a language model joins the user's own SD1.x, SDXL or PixArt MODEL through an adapter plus LoRA in both.
 
 A bridge is a released folder (``models/lavi_bridge/<name>/`` with ``lora_vis.pt``, ``lora_text.pt``,
 ``adapter/``) or a ``.safetensors`` file written by this pack's bridge trainer (``bridge/trained.py``:
@@ -6,6 +6,9 @@ named LoRA tensors, the adapter and the recipe in one file). The U-Net LoRA beco
 ModelPatcher patches on a clone of the MODEL, so every sampler, other LoRAs and ControlNet keep
 working and the weights are merged once (no per-step cost); the language-model LoRA is patched onto a
 clone of the language model the same way (a trained bridge without one leaves the language model as is).
+The U-Net LoRA's layers come from the connected MODEL's own U-Net as ComfyUI detected it (SD1.x, or any SDXL-family
+U-Net: SDXL, SSD-1B, Segmind-Vega ...); a bridge trained for SDXL also makes SDXL's pooled vector (its adapter's
+pooled head) and the size conditioning of core CLIPTextEncodeSDXL.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..bridge import (
+    Bridge,
     LaViBridgeFileError,
     LaViBridgeRecipe,
     check_widths,
@@ -38,11 +42,11 @@ from ..bridge import (
     text_lora_targets,
     unet_lora_targets,
 )
-from ..bridge.load import TRAINED_BRIDGE_SUFFIX
-from ..bridge.lora import SD1_UNET, named_lora_state_dict
-from ..bridge.trained import DIFFUSION_MODEL_NAMES
+from ..bridge.load import TRAINED_BRIDGE_SUFFIX, diffusion_model_name
+from ..bridge.lora import UNetStructure, named_lora_state_dict
 from ..encoders import HFTextEncoder
 from ..errors import X2IError, X2IFileNotFoundError
+from ..families import FAMILIES, Family
 from ..paths import disk_state, find_in_folders
 from .common import (
     CATEGORY,
@@ -51,6 +55,7 @@ from .common import (
     encoder_patcher,
     encoder_with,
     load_fully,
+    model_family,
     require_valid,
     to_conditioning,
 )
@@ -70,11 +75,13 @@ BRIDGE_NAME_TOOLTIP = (
 
 @dataclass(frozen=True)
 class LoadedBridge:
-    """The X2I_BRIDGE value: the LoRA-patched language model, the adapter, and how to tokenise."""
+    """The X2I_BRIDGE value: the LoRA-patched language model, the adapter, how to tokenise, and the family of the
+    bridged U-Net (SD1.x, SDXL: what its conditioning is checked against when sampling; None: PixArt)."""
 
     language_model: comfy.model_patcher.ModelPatcher
     adapter: comfy.model_patcher.ModelPatcher
     recipe: LaViBridgeRecipe
+    family: Family | None = None
 
 
 def _bridge_names() -> list[str]:
@@ -97,45 +104,72 @@ def _resolve_bridge(name: str) -> Path:
     )
 
 
+def _unet_config(model) -> dict:
+    return getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+
+
 def _diffusion_kind(model) -> str | None:
-    """``"pixart"``, ``"sd1"`` (an SD1.x U-Net: 768-wide context), or None for any other MODEL."""
-    unet_config = model.model.model_config.unet_config
+    """``"pixart"``, the family of an SD-style U-Net (``"sd1"``: 768-wide context; ``"sdxl"``: 2048-wide context and
+    2816-wide class embedding, :func:`.common.model_family`), or None for any other MODEL."""
+    unet_config = _unet_config(model)
     if str(unet_config.get("image_model", "")).startswith("pixart"):
         return "pixart"
-    if unet_config.get("context_dim") == SD1_UNET.cross_attention_dim and "num_res_blocks" in unet_config:
-        return "sd1"
+    family, _ = model_family(model)
+    if family is not None and "num_res_blocks" in unet_config:
+        return family.key
     return None
 
 
 def _describe_model(model) -> str:
     kind = _diffusion_kind(model)
+    _, name = model_family(model)
     if kind:
-        return f"{DIFFUSION_MODEL_NAMES[kind]} ({type(model.model).__name__})"
-    return f"{type(model.model).__name__} with context width {model.model.model_config.unet_config.get('context_dim')}"
+        return diffusion_model_name(kind, f"ComfyUI's {name}")
+    return f"{name} with context width {_unet_config(model).get('context_dim')}"
 
 
-def _vision_side(model, recipe: LaViBridgeRecipe) -> tuple[list, dict, int]:
-    """(LoRA targets in the official order, diffusers name -> ComfyUI weight key, text context width) of
-    the connected MODEL, through ComfyUI's own key converters (PixArt's fused qkv / kv as offsets)."""
-    unet_config = model.model.model_config.unet_config
+def _vision_side(model, bridge: Bridge) -> tuple[list, dict, int, Family | None]:
+    """(LoRA targets in the official order, diffusers name -> ComfyUI weight key, text context width, family) of the
+    connected MODEL, through ComfyUI's own key converters (PixArt's fused qkv / kv as offsets); a bridge for another
+    diffusion model is refused naming both."""
+    unet_config = _unet_config(model)
     kind = _diffusion_kind(model)
-    if recipe == LaViBridgeRecipe.T5_TRANSFORMER:
+    recipe = bridge.recipe
+    bridge.check_diffusion_model(kind, _describe_model(model))  # a trained bridge names what it was trained for
+    if bridge.diffusion_model == "pixart":
         if kind != "pixart":
             raise X2IError(
-                f"{recipe.value} bridges T5 to PixArt-XL-2, but the connected MODEL is {type(model.model).__name__}: "
-                "connect a PixArt checkpoint (or use t5_unet / llama2_unet with SD1.x)"
+                f"{recipe.value} bridges T5 to PixArt-XL-2, but the connected MODEL is {_describe_model(model)}: "
+                "connect a PixArt checkpoint (or use t5_unet / llama2_unet with SD1.x, or a bridge trained for SDXL)"
             )
         targets = pixart_lora_targets(unet_config.get("depth", 28), unet_config.get("hidden_size", 1152))
         converted = comfy.utils.pixart_to_diffusers(unet_config, output_prefix="diffusion_model.")
-        return targets, {k[: -len(".weight")]: v for k, v in converted.items() if k.endswith(".weight")}, PIXART_CONTEXT_DIM
-    if kind != "sd1":
+        return (targets, {k[: -len(".weight")]: v for k, v in converted.items() if k.endswith(".weight")},
+                PIXART_CONTEXT_DIM, None)
+    if kind != bridge.diffusion_model:  # a release for SD1.x (trained files were refused above)
         raise X2IError(
             f"{recipe.value} is for SD1.x U-Nets (768-wide text context), but the connected MODEL is "
-            f"{type(model.model).__name__} with context width {unet_config.get('context_dim')}: connect an SD1.x checkpoint"
+            f"{_describe_model(model)}: connect an SD1.x checkpoint"
+            + (", or use a LaVi-Bridge trained for SDXL" if kind == "sdxl" else "")
         )
+    structure = UNetStructure.from_comfy_config(unet_config)  # the MODEL's own U-Net (SDXL, SSD-1B, Vega ...)
     converted = comfy.utils.unet_to_diffusers(unet_config)
     key_map = {k[: -len(".weight")]: f"diffusion_model.{v}" for k, v in converted.items() if k.endswith(".weight")}
-    return unet_lora_targets(SD1_UNET), key_map, SD1_UNET.cross_attention_dim
+    return unet_lora_targets(structure), key_map, structure.cross_attention_dim, FAMILIES[kind]
+
+
+def _check_pooled(bridge: Bridge, family: Family | None) -> None:
+    """A bridge to SDXL makes SDXL's pooled vector with its adapter's pooled head; one to SD1.x or PixArt has none."""
+    wanted = family.pooled_dim if family is not None else 0
+    has = bridge.adapter.config.pooled_dim
+    if has != wanted:
+        raise LaViBridgeFileError(
+            f"{bridge.name}: its adapter makes "
+            + (f"a {has}-wide pooled vector" if has else "no pooled vector")
+            + f", but {family.name if family else 'PixArt'} reads "
+            + (f"a {wanted}-wide one" if wanted else "none")
+            + ": the file does not fit the diffusion model it names; export it again with this pack's bridge trainer"
+        )
 
 
 def _pixart_alpha_latents(model) -> None:
@@ -171,10 +205,11 @@ class X2ILaViBridgeLoader(X2INode):
             display_name="X2I LaVi-Bridge Loader",
             category=f"{CATEGORY}/loaders",
             description="Applies a LaVi-Bridge (a released folder models/lavi_bridge/<name>/ with lora_vis.pt, lora_text.pt, "
-            "adapter/, or a trained .safetensors bridge from this pack's bridge trainer) to your SD1.x or PixArt MODEL "
+            "adapter/, or a trained .safetensors bridge from this pack's bridge trainer) to your SD1.x, SDXL or PixArt MODEL "
             "and to the language model. The MODEL keeps working with every sampler, LoRA and ControlNet.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x MODEL (t5_unet, llama2_unet) or PixArt-XL-2 (t5_transformer)."),
+                io.Model.Input("model", tooltip="An SD1.x MODEL (t5_unet, llama2_unet), an SDXL MODEL (a bridge trained for "
+                               "SDXL) or PixArt-XL-2 (t5_transformer)."),
                 X2IEncoder.Input("language_model", tooltip="The bridge's language model, from X2I Language Model Loader."),
                 io.Combo.Input("bridge_name", options=_bridge_names(), tooltip=BRIDGE_NAME_TOOLTIP),
                 io.Float.Input("unet_strength", default=1.0, min=-4.0, max=4.0, step=0.05,
@@ -209,9 +244,9 @@ class X2ILaViBridgeLoader(X2INode):
         path = _resolve_bridge(bridge_name)
         lm: HFTextEncoder = encoder_with(language_model, "encode", "X2I Language Model Loader")
         bridge = load_bridge(path, name=bridge_name)
-        bridge.check_diffusion_model(_diffusion_kind(model), _describe_model(model))
-        targets, key_map, context_dim = _vision_side(model, bridge.recipe)
+        targets, key_map, context_dim, family = _vision_side(model, bridge)
         check_widths(bridge.adapter, lm.hidden_size, context_dim)
+        _check_pooled(bridge, family)
         vision_pairs = map_lora_pairs(bridge.vision_pairs, targets, bridge.vision_source)
         bridged_model = _patched(model, vision_pairs, key_map, unet_strength)
         if bridge.recipe == LaViBridgeRecipe.T5_TRANSFORMER:
@@ -224,7 +259,7 @@ class X2ILaViBridgeLoader(X2INode):
         else:
             logger.info("LaVi-Bridge %s has no language-model LoRA: the language model is used as it is", bridge_name)
             bridged_lm = language_model
-        return io.NodeOutput(bridged_model, LoadedBridge(bridged_lm, encoder_patcher(bridge.adapter), bridge.recipe))
+        return io.NodeOutput(bridged_model, LoadedBridge(bridged_lm, encoder_patcher(bridge.adapter), bridge.recipe, family))
 
 
 class X2ILaViBridgeTextEncode(X2INode):
@@ -241,7 +276,8 @@ class X2ILaViBridgeTextEncode(X2INode):
                 io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt (or the negative prompt)."),
                 io.Boolean.Input("quality_suffix", default=False, tooltip=QUALITY_SUFFIX_TOOLTIP),
             ],
-            outputs=[io.Conditioning.Output(tooltip="Conditioning for the bridged MODEL: 77 × 768 for SD1.x, 120 × 4096 for PixArt.")],
+            outputs=[io.Conditioning.Output(tooltip="Conditioning for the bridged MODEL: 77 × 768 for SD1.x; 77 × 2048 plus the "
+                                             "pooled vector and 1024² size conditioning for SDXL; 120 × 4096 for PixArt.")],
         )
 
     @classmethod
@@ -252,6 +288,9 @@ class X2ILaViBridgeTextEncode(X2INode):
         features = encode_prompt_for_bridge(bridge.recipe, lm, lm.tokenizer, text, add_prompt_suffix=quality_suffix)
         adapter = bridge.adapter.model
         param = next(adapter.parameters())
+        family = bridge.family
         with torch.inference_mode():
             tokens = adapter(features.to(device=param.device, dtype=param.dtype))
-        return io.NodeOutput(to_conditioning(tokens))
+            # SDXL: the pooled vector from the adapter's own tokens, as the bridge was trained.
+            pooled = adapter.pooled(tokens) if family is not None and family.pooled_dim else None
+        return io.NodeOutput(to_conditioning(tokens, pooled, family))

@@ -131,7 +131,7 @@ class X2IGlueGenPointCloudEncode(X2INode):
             node_id="X2IGlueGenPointCloudEncode",
             display_name="X2I GlueGen Point Cloud Encode",
             category=f"{CATEGORY}/gluegen",
-            description="Turns a point cloud into SD1.x conditioning through a point-cloud GlueNet (train one with "
+            description="Turns a point cloud into SD1.x or SDXL conditioning through a point-cloud GlueNet (train one with "
             "this pack's trainer: none was released).",
             inputs=[
                 X2IEncoder.Input("encoder", tooltip=ENCODER_INPUT_TOOLTIP),

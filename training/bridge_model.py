@@ -1,8 +1,13 @@
 """The model a LaVi-Bridge run trains: language model (+ text LoRA) → adapter → U-Net / PixArt (+ vision
-LoRA), LoRA put in by peft on exactly the recipe's layers, and the optimiser over its three parts."""
+LoRA), LoRA put in by peft on exactly the recipe's layers, and the optimiser over its three parts.
+
+With SDXL the adapter also has a pooled head (:meth:`..bridge.adapter.TextAdapter.pooled`): SDXL's pooled text
+vector made from the adapter's own tokens, trained by the same ε-MSE; the U-Net's six size numbers
+(``time_ids``) come with each sample (:meth:`.image_data.CropGeometry.time_ids`)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -148,7 +153,10 @@ class BridgeTrainingModel(nn.Module):
                 flip = torch.rand(pixels.shape[0], device=pixels.device) < 0.5
                 pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
             param = next(self.vae.parameters())
-            with torch.no_grad():
+            # SDXL's VAE in float32 runs in float32 under the loop's bf16 autocast too (force_upcast).
+            upcast = self.diffusion.value.kind == "sdxl" and param.dtype == torch.float32
+            full = torch.autocast(pixels.device.type, enabled=False) if upcast else contextlib.nullcontext()
+            with torch.no_grad(), full:
                 posterior = self.vae.encode(pixels.to(param.dtype)).latent_dist
                 latents = (posterior.sample() if train else posterior.mean).float()
         # Contiguous: a CPU VAE may hand back channels-last latents, and noise must not depend on memory layout.
@@ -160,7 +168,12 @@ class BridgeTrainingModel(nn.Module):
         noisy = diffusion.scheduler.add_noise(latents, noise, timesteps)
         context, mask = self.encode_text(batch["input_ids"], batch["attention_mask"])
         param = next(self.denoiser.parameters())
-        pred = diffusion.predict_noise(noisy.to(param.dtype), timesteps, context.to(param.dtype), mask, denoiser=self.denoiser)
+        sdxl = {}
+        if diffusion.kind == "sdxl":
+            if "time_ids" not in batch:
+                raise TrainingError("an SDXL batch needs its time_ids (original size, crop, target size of each image)")
+            sdxl = {"pooled": self.adapter.pooled(context).to(param.dtype), "time_ids": batch["time_ids"].float()}
+        pred = diffusion.predict_noise(noisy.to(param.dtype), timesteps, context.to(param.dtype), mask, denoiser=self.denoiser, **sdxl)
         return F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,9 @@ from typing import Literal
 from .image_data import ImageCaptionSettings
 from .settings import check_file_name, setting
 
-OFFICIAL_LR = {"sd1": 1e-4, "pixart": 2e-5}
+# The official rates: 1e-4 with the SD1.x U-Net, 2e-5 with PixArt. SDXL has no official bridge: its U-Net takes the
+# U-Net recipe's rate.
+OFFICIAL_LR = {"sd1": 1e-4, "pixart": 2e-5, "sdxl": 1e-4}
 
 
 @dataclass
@@ -20,16 +22,17 @@ class BridgeDataSettings(ImageCaptionSettings):
 
 @dataclass
 class BridgeModelSettings:
-    """The frozen models: the diffusion model (SD1.x single file or diffusers folder; PixArt diffusers folder)
-    and the language model (a Hugging Face folder: T5 / mT5 encoder, or a Llama-style decoder)."""
+    """The frozen models: the diffusion model (SD1.x or SDXL single file or diffusers folder; PixArt diffusers
+    folder) and the language model (a Hugging Face folder: T5 / mT5 encoder, or a Llama-style decoder)."""
 
-    diffusion_model: str = setting(doc="SD1.x .safetensors/.ckpt, or a diffusers folder with unet/ or transformer/ and vae/")
+    diffusion_model: str = setting(doc="SD1.x or SDXL .safetensors/.ckpt, or a diffusers folder with unet/ or transformer/ and vae/")
     language_model: str = setting(doc="Hugging Face folder of the language model (config, tokenizer, weights)")
-    kind: Literal["auto", "sd1", "pixart"] = setting("auto", "the diffusion model's kind (auto: from the path)")
+    kind: Literal["auto", "sd1", "pixart", "sdxl"] = setting("auto", "the diffusion model's kind (auto: from the file or folder)")
     vae: str = setting("", "a VAE file or folder to use instead of the diffusion model's own (empty: its own)")
     adapter_int_dim: int = setting(0, "the adapter's middle width (0: (in + out) / 2, as every released adapter)")
     language_model_dtype: Literal["fp32", "bf16", "fp16"] = setting("fp32", "dtype of the frozen language-model weights")
-    diffusion_model_dtype: Literal["fp32", "bf16", "fp16"] = setting("fp32", "dtype of the frozen U-Net / PixArt and VAE weights")
+    diffusion_model_dtype: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32", "dtype of the frozen U-Net / PixArt and VAE weights (SDXL's VAE stays fp32 unless its config says force_upcast false)")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, ~30% slower)")
 
     def __post_init__(self) -> None:
@@ -60,7 +63,7 @@ class BridgeLoraSettings:
 class BridgeOptimSettings:
     """AdamW with a constant learning rate (after an optional linear warm-up)."""
 
-    lr: float = setting(0.0, "learning rate of the vision LoRA (0: official, 1e-4 for SD1.x, 2e-5 for PixArt)")
+    lr: float = setting(0.0, "learning rate of the vision LoRA (0: official, 1e-4 for SD1.x and SDXL, 2e-5 for PixArt)")
     adapter_lr: float = setting(0.0, "learning rate of the adapter (0: the same as lr)")
     text_lr: float = setting(5e-6, "learning rate of the text LoRA")
     weight_decay: float = setting(1e-2, "AdamW weight decay")
@@ -82,7 +85,9 @@ class BridgeExportSettings:
     """What the run writes into run.output_dir."""
 
     name: str = setting("lavibridge", "file and folder name of the trained bridge")
-    released_layout: bool = setting(True, "also write <name>/ in the released layout (lora_vis.pt, lora_text.pt, adapter/)")
+    released_layout: bool = setting(
+        True, "also write <name>/ in the released layout (lora_vis.pt, lora_text.pt, adapter/); SD1.x and PixArt only: the "
+        "released layout has no place for an SDXL bridge's pooled head")
 
     def __post_init__(self) -> None:
         check_file_name(self.name)

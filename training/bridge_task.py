@@ -1,4 +1,4 @@
-"""LaVi-Bridge training (``train bridge``): a language model joined to a frozen SD1.x U-Net or PixArt by
+"""LaVi-Bridge training (``train bridge``): a language model joined to a frozen SD1.x or SDXL U-Net or PixArt by
 a TextAdapter and LoRA in both models, with the official objective and settings.
 
 Trainable: the vision LoRA (SD1.x: ResnetBlock2D conv1 / time_emb_proj / conv2 / conv_shortcut, attn1 /
@@ -9,8 +9,18 @@ Objective: ε-MSE at uniform ``t`` in [0, 1000) on VAE latents × 0.18215, the o
 drawn per sample. AdamW (0.9, 0.999), weight decay 1e-2, constant LR: 1e-4 for the vision LoRA and the
 adapter (2e-5 with PixArt), 5e-6 for the text LoRA; gradient clipping 1.0.
 
+SDXL (no official bridge; trained as the SD1.x U-Net recipe, Zhao et al. 2024 applied to SDXL): the adapter
+``TextAdapter(lm hidden, int_dim, 2048, pooled_dim=1280)`` also makes SDXL's pooled text vector with its pooled
+head, trained jointly by the ε-MSE; the U-Net's size conditioning (``time_ids``: original height and width,
+crop top and left, target height and width, as diffusers' ``train_text_to_image_sdxl.py`` computes them) comes
+from each image's geometry, recorded when the latent cache is built (:mod:`.latent_cache`); the vision LoRA sits
+on the layers LaVi-Bridge's rule selects in the SDXL U-Net (ResnetBlock2D, Attention, GEGLU), the same rank and
+dropout; latents × 0.13025 from a float32 VAE; SD1's noise schedule (SDXL base's is the same); vision and adapter
+LR 1e-4.
+
 Output (``run.output_dir``): ``<name>.safetensors`` (this pack's bridge file, :mod:`..bridge.trained`)
-and ``<name>/`` in the released layout (``lora_vis.pt``, ``lora_text.pt``, ``adapter/``).
+and ``<name>/`` in the released layout (``lora_vis.pt``, ``lora_text.pt``, ``adapter/``; not for SDXL, whose
+pooled head the released layout has no place for).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +59,21 @@ from .bridge_settings import (
 )
 from .cache_settings import LATENT_CACHE_RENAMED, LatentCacheSettings
 from .config import ConfigError, as_dict
-from .diffusion_models import DiffusionModel, detect_kind, load_diffusion_model
+from .diffusion_models import DiffusionModel, check_single_file, detect_kind, load_diffusion_model
 from .diffusion_validation import eps_mse_metrics, held_out_eps_mse
 from .distributed import Distributed
 from .errors import TrainingError
-from .image_data import held_out_count, image_transform, scan_sources, split_validation, subset
-from .latent_cache import LatentCache, cache_key
+from .image_data import (
+    BridgeDataError,
+    ImageCaption,
+    held_out_count,
+    image_transform,
+    load_image_with_geometry,
+    scan_sources,
+    split_validation,
+    subset,
+)
+from .latent_cache import CACHE_FORMAT, GEOMETRY_CACHE_FORMAT, LatentCache, cache_key
 from .task import TrainingTask
 
 logger = logging.getLogger(__name__)
@@ -62,6 +81,49 @@ logger = logging.getLogger(__name__)
 # Validation: every held-out sample at these timesteps with fixed noise, unflipped, posterior mean.
 VALIDATION_TIMESTEPS = (50, 250, 500, 750, 950)
 VALIDATION_BATCH = 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# SDXL's samples: each with the size numbers its U-Net reads
+
+
+class SizedImageCaptionDataset(ImageCaptionDataset):
+    """:class:`.bridge_data.ImageCaptionDataset` whose samples also hold SDXL's ``time_ids`` ``[6]``: the
+    decoded image's :func:`.image_data.crop_geometry` at ``resolution`` (an image that stopped decoding is
+    replaced by the next one, with that one's geometry)."""
+
+    def __init__(self, items: Sequence[ImageCaption], transform: Callable, tokenize: CaptionTokenizer, resolution: int) -> None:
+        super().__init__(items, transform, tokenize)
+        self.resolution = resolution
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for offset in range(len(self.items)):
+            item = self.items[(index + offset) % len(self.items)]
+            try:
+                pixels, geometry = load_image_with_geometry(item.image, self.transform, self.resolution)
+            except (OSError, ValueError, SyntaxError) as exc:
+                self.decode_failures += 1
+                logger.warning("image %s no longer decodes (%s); using the next one", item.image, exc)
+                continue
+            ids, mask = self.tokenize(item.caption)
+            return {"pixels": pixels, "input_ids": ids, "attention_mask": mask, "time_ids": geometry.time_ids(self.resolution)}
+        raise BridgeDataError("no image of the dataset decodes any more")
+
+
+class SizedCachedLatentDataset(CachedLatentDataset):
+    """:class:`.bridge_data.CachedLatentDataset` whose samples also hold SDXL's ``time_ids`` ``[6]``, from the crop
+    geometry the cache recorded for each image (a cache built with ``geometry_resolution``)."""
+
+    def __init__(self, cache: LatentCache, locations: Sequence[tuple[int, int, int]], tokenize: CaptionTokenizer) -> None:
+        if not cache.geometry_resolution:
+            raise TrainingError("an SDXL dataset needs a latent cache that records crop geometry")
+        super().__init__(cache, locations, tokenize)
+        self.resolution = cache.geometry_resolution
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = super().__getitem__(index)
+        sample["time_ids"] = self.rows.read_geometry(*self.places[index]).time_ids(self.resolution)
+        return sample
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,6 +205,10 @@ class BridgeTask(TrainingTask):
             raise ConfigError(f"model.language_model {lm_path} is not a folder: give a Hugging Face model folder")
         try:
             detected = detect_kind(diffusion_path)
+            if diffusion_path.is_file() and settings.kind != "pixart":
+                # Checked as the kind asked for (from its header): the refusal names what the file is.
+                detected = detected if settings.kind == "auto" else settings.kind
+                check_single_file(diffusion_path, detected)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         if settings.kind != "auto" and settings.kind != detected:
@@ -161,13 +227,16 @@ class BridgeTask(TrainingTask):
         self._counts.update(counts)
         self._counts.update({"recipe": self.recipe.value, "diffusion_model": self.diffusion_kind, "language_model": self.family})
         items = train_items + val_items
+        # SDXL's U-Net reads each image's size and crop: the cache records them (a format and key of its own).
+        sdxl = self.diffusion_kind == "sdxl"
         cache = None
         if self.cache.dir:
             vae_source = Path(os.path.expanduser(self.model_settings.vae)) if self.model_settings.vae else self._diffusion_path
             settings = {"resolution": self.data.resolution, "dtype": self.model_settings.diffusion_model_dtype,
                         "shard_size": self.cache.shard_size}
-            key = cache_key(items, settings, json.dumps(_fingerprint_path(vae_source)))
-            cache = LatentCache(os.path.expanduser(self.cache.dir), items, key, self.cache.shard_size)
+            key = cache_key(items, settings, json.dumps(_fingerprint_path(vae_source)), GEOMETRY_CACHE_FORMAT if sdxl else CACHE_FORMAT)
+            cache = LatentCache(os.path.expanduser(self.cache.dir), items, key, self.cache.shard_size,
+                                geometry_resolution=self.data.resolution if sdxl else None)
             state = cache.state()
             self._counts["latent_cache"] = f"{state.state} ({state.shards_done} of {state.shards_total} shards)"
         if dry_run:
@@ -191,13 +260,15 @@ class BridgeTask(TrainingTask):
             if cache.non_finite:
                 self._counts["skipped_non_finite_latents"] = len(cache.non_finite)
             self.diffusion.vae = None  # training reads latents; the VAE is not needed any more
-            dataset: torch.utils.data.Dataset = CachedLatentDataset(cache, locations, tokenize)
+            dataset: torch.utils.data.Dataset = (
+                SizedCachedLatentDataset(cache, locations, tokenize) if sdxl else CachedLatentDataset(cache, locations, tokenize))
             kept_items = [item for item, _, _ in locations]
             n_train = sum(1 for i in kept_items if i < len(train_items))
             # Items are train first, then validation: the kept order keeps that split.
             train_idx, val_idx = list(range(n_train)), list(range(n_train, len(kept_items)))
         else:
-            dataset = ImageCaptionDataset(items, transform, tokenize)
+            dataset = (SizedImageCaptionDataset(items, transform, tokenize, self.data.resolution) if sdxl
+                       else ImageCaptionDataset(items, transform, tokenize))
             train_idx, val_idx = list(range(len(train_items))), list(range(len(train_items), len(items)))
         if not val_items:
             chosen_train, chosen_val = split_validation(self._validation_count(len(train_idx)), len(train_idx))
@@ -225,9 +296,12 @@ class BridgeTask(TrainingTask):
     # -- model -----------------------------------------------------------------------------------------
 
     def adapter_config(self) -> TextAdapterConfig:
+        """Language-model hidden size -> ``int_dim`` -> the diffusion context; for SDXL also the pooled head's
+        width (1280: ``TextAdapterConfig(lm_hidden, int_dim, 2048, pooled_dim=1280)``)."""
         in_dim = int(self.language_model.config.hidden_size)
         out_dim = self.diffusion.context_dim
-        return TextAdapterConfig(in_dim, self.model_settings.adapter_int_dim or (in_dim + out_dim) // 2, out_dim)
+        return TextAdapterConfig(in_dim, self.model_settings.adapter_int_dim or (in_dim + out_dim) // 2, out_dim,
+                                 pooled_dim=self.diffusion.pooled_dim)
 
     def build_model(self, dist: Distributed) -> BridgeTrainingModel:
         if self.diffusion is None or self.language_model is None:
@@ -296,7 +370,10 @@ class BridgeTask(TrainingTask):
             recipe=self.recipe, diffusion_model=self.diffusion_kind, adapter=model.adapter, vision_lora=vision, text_lora=text,
             context_dim=self.diffusion.context_dim, language_model=self._lm_path.name, training_config=training,
         )]
-        if self.export_settings.released_layout:
+        if self.export_settings.released_layout and model.adapter.config.pooled_dim:
+            logger.info("export.released_layout: no released layout for a bridge to SDXL (it has no place for the adapter's "
+                        "pooled head); %s.safetensors holds the bridge", name)
+        elif self.export_settings.released_layout:
             text_list = list(text.values()) or zero_pairs(text_targets, rank)
             written.append(write_released_layout(
                 Path(output_dir) / name, adapter=model.adapter, vision_pairs=list(vision.values()), text_pairs=text_list,

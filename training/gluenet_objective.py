@@ -12,6 +12,12 @@ conditioning) of one global batch:
   where ``D`` is a token discriminator behind a gradient-reversal layer (λ = 0.1): it learns to tell
   CLIP tokens from GlueNet tokens while the GlueNet learns to fool it.
 
+For an SDXL GlueNet the target also holds SDXL's pooled vector ``p`` (:func:`training.targets.unpack_target`);
+its pooled head adds ``L_pooled = 1e4 * mean((head(sg(y)) - p / pooled_norm)^2)``, the token MSE's form and weight on
+a target of the same unit scale (``pooled_norm``: the mean norm of the training set's pooled vectors), trained on the
+GlueNet's tokens without reshaping them (``sg``: stop-gradient), and
+``tensor_norm`` is measured on the SDXL targets as GlueGen measured CLIP's (:func:`gluenet.scaling.per_token_norm`).
+
 The discriminator sees the *raw* CLIP tokens in the official multilingual script and the *scaled*
 ones (``t``) in the sound script; ``discriminator_target = "auto"`` follows each.
 
@@ -34,6 +40,7 @@ from torch import nn
 from ..gluenet import GlueNet, GlueNetConfig
 from ..gluenet.scaling import clip_tensor_norm
 from .settings import setting
+from .targets import unpack_target
 
 MeanFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,13 +57,14 @@ class GlueNetLossSettings:
     adversarial: bool = setting(True, "a token discriminator behind gradient reversal (CLIP tokens vs GlueNet tokens)")
     adversarial_weight: float = setting(0.1, "its weight")
     gradient_reversal: float = setting(0.1, "lambda of the gradient-reversal layer")
+    pooled_weight: float = setting(1e4, "weight of the pooled head's MSE (SDXL GlueNets; unused for SD1.x)")
     discriminator_target: Literal["auto", "raw", "scaled"] = setting(
         "auto", "CLIP tokens the discriminator sees: auto = raw for text, scaled for sound/point clouds (as the official scripts)")
 
     def __post_init__(self) -> None:
         if not (self.mse or self.reconstruction or self.adversarial):
             raise ValueError("at least one of loss.mse, loss.reconstruction, loss.adversarial must be on")
-        for name in ("mse_weight", "reconstruction_weight", "adversarial_weight", "gradient_reversal"):
+        for name in ("mse_weight", "reconstruction_weight", "adversarial_weight", "gradient_reversal", "pooled_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -166,7 +174,9 @@ class GlueNetObjective(nn.Module):
     "adversarial"}`` (the last three detached, weighted as they enter the loss).
 
     ``batch``: ``source`` ``[B, T_in, D_in]``, or ``[B, T_in * D_in]`` embeddings (reshaped row-major
-    as GlueGen does), and ``target`` ``[B, 77, D]``, the raw CLIP features.
+    as GlueGen does), and ``target`` ``[B, 77, D]``, the raw CLIP features (SDXL: ``[B, 78, 2048]``, the tokens
+    and the pooled vector packed by :func:`training.targets.pack_target`). With a pooled head the result also
+    has ``"pooled"``.
     """
 
     def __init__(self, config: GlueNetConfig, loss: GlueNetLossSettings, modality: str = "text",
@@ -180,7 +190,7 @@ class GlueNetObjective(nn.Module):
         self.discriminator = TokenDiscriminator(config.out_dim, loss.gradient_reversal) if loss.adversarial else None
         choice = loss.discriminator_target
         self.discriminator_sees_raw = (modality == "text") if choice == "auto" else choice == "raw"
-        self.register_buffer("target_scale", clip_tensor_norm() / 2, persistent=False)  # [77, 1]
+        self.register_buffer("target_scale", clip_tensor_norm(config.output_norm) / 2, persistent=False)  # [77, 1]
 
     def student_input(self, source: torch.Tensor) -> torch.Tensor:
         x = source.float()
@@ -193,12 +203,17 @@ class GlueNetObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         settings = self.settings
-        target_raw = batch["target"].float()
+        target_raw, pooled = unpack_target(batch["target"].float(), self.config.pooled_dim)
         x = self.student_input(batch["source"])
         t = self.scaled_target(target_raw)
         y = self.encoder(x).float()
         zero = y.new_zeros(())
         terms = {"mse": zero, "reconstruction": zero, "adversarial": zero}
+        if pooled is not None:
+            # A read-out of the tokens, not a second target for them: with its gradient flowing into the GlueNet,
+            # the pooled MSE held the token MSE at 4x its value without it (a 2048-wide toy SDXL target, 100 steps).
+            predicted = self.encoder.pooled_head(y.detach()).float()
+            terms["pooled"] = settings.pooled_weight * ((predicted - pooled / self.config.pooled_norm) ** 2).mean()
         if settings.mse:
             squared = (y - t) ** 2
             if settings.token_weighting:
@@ -215,7 +230,7 @@ class GlueNetObjective(nn.Module):
             terms["adversarial"] = settings.adversarial_weight * (
                 F.nll_loss(self.discriminator(real).float(), real_labels) + F.nll_loss(self.discriminator(fake).float(), fake_labels)
             )
-        loss = terms["mse"] + terms["reconstruction"] + terms["adversarial"]
+        loss = sum(terms.values())
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
 
 
@@ -241,3 +256,11 @@ def alignment_metrics(aligned: torch.Tensor, targets: torch.Tensor, target_ids: 
     sims = F.normalize(aligned.flatten(1) - centre, dim=1) @ F.normalize(targets.flatten(1) - centre, dim=1).T
     top1 = (sims.argmax(dim=1) == target_ids).float().mean()
     return {"mse": float(mse), "cosine": float(cosine), "retrieval_top1": float(top1), "retrieval_chance": 1.0 / targets.shape[0]}
+
+
+@torch.no_grad()
+def pooled_metrics(pooled: torch.Tensor, targets: torch.Tensor, target_ids: torch.Tensor) -> dict[str, float]:
+    """SDXL's pooled vector: ``pooled_mse`` and ``pooled_cosine`` to each sample's target (``targets`` ``[G, P]``)."""
+    own = targets.float()[target_ids]
+    return {"pooled_mse": float(((pooled.float() - own) ** 2).mean()),
+            "pooled_cosine": float(F.cosine_similarity(pooled.float(), own, dim=-1).mean())}

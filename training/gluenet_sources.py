@@ -244,7 +244,18 @@ def source_encode_fn(modality: str, encoder: torch.nn.Module, surface_points: in
 
 
 def target_encode_fn(encoder: torch.nn.Module) -> EncodeFn:
-    """Captions to CLIP's ``[n, 77, width]`` SD1 conditioning (no attention mask: see :mod:`training.targets`)."""
+    """Captions to CLIP's ``[n, 77, width]`` SD1 conditioning (no attention mask: see :mod:`training.targets`);
+    for an SDXL target, its tokens and pooled vector packed as ``[n, 78, 2048]`` (:func:`training.targets.pack_target`)."""
+    from .sdxl_targets import SDXLTextTarget
+    from .targets import pack_target
+
+    if isinstance(encoder, SDXLTextTarget):
+
+        def encode_sdxl(texts: Sequence[str]) -> tuple[torch.Tensor, list[str | None]]:
+            tokens, pooled = encoder.encode(texts)
+            return pack_target(tokens, pooled), [None] * len(texts)
+
+        return encode_sdxl
 
     @torch.inference_mode()
     def encode(texts: Sequence[str]) -> tuple[torch.Tensor, list[str | None]]:

@@ -31,7 +31,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..families import Family, family
 from ..gluenet import GlueNet, GlueNetConfig, GlueNetConfigError, save_gluenet
+from ..gluenet.scaling import per_token_norm
 from .cache_settings import CacheSettings, cache_folder
 from .config import ConfigError, as_dict
 from .distributed import Distributed
@@ -40,7 +42,7 @@ from .features import FeatureCache, ShardedFeatures
 from .fingerprints import fingerprint_path, hash_strings
 from .gluenet_data import AudioClip, GlueNetDataSettings, GlueNetListing
 from .gluenet_listing import build_listing
-from .gluenet_objective import GlueNetLossSettings, GlueNetObjective, alignment_metrics
+from .gluenet_objective import GlueNetLossSettings, GlueNetObjective, alignment_metrics, pooled_metrics
 from .gluenet_sources import (
     SourceSettings,
     describe_source_settings,
@@ -51,7 +53,14 @@ from .gluenet_sources import (
     target_encode_fn,
 )
 from .settings import setting
-from .targets import TargetSettings, check_target_width, load_target_encoder, peek_target_width, tokenizer_folder
+from .targets import (
+    TargetSettings,
+    check_target_width,
+    load_target_encoder,
+    peek_target_width,
+    tokenizer_folder,
+    unpack_target,
+)
 from .task import TrainingTask
 
 logger = logging.getLogger(__name__)
@@ -65,6 +74,17 @@ OFFICIAL = {
               "epochs": 10, "batch_size": 8},
 }
 OFFICIAL["point_cloud"] = OFFICIAL["audio"]
+# What a target cache holds, per target family (part of its fingerprint), and the cache's folder name.
+TARGET_CONVENTIONS = {
+    "sd1": "77 tokens, padded with the end token, no attention mask, last_hidden_state",
+    "sdxl": "77 tokens; CLIP-L padded with the end token, bigG with 0; no attention mask; penultimate layers of both "
+            "concatenated; bigG's projected end token as row 78",
+}
+TARGET_CACHES = {"sd1": "target-clip", "sdxl": "target-sdxl"}
+# How many training targets (the first, in order: the same on every rank and after a resume) the per-token and
+# pooled norms of a GlueNet for a family other than SD1.x are measured on; a multi-million-caption cache is not
+# read end to end to start a run.
+NORM_SAMPLES = 4096
 
 
 @dataclasses.dataclass
@@ -72,7 +92,7 @@ class GlueNetModelSettings:
     """The ``[model]`` section: the GlueNet's shape and its input/output convention (0 / "auto": official)."""
 
     architecture: Architecture = setting("auto", "auto: translator_noln for text, translator_w_head for embeddings (official)")
-    out_dim: int = setting(768, "the target's width (SD1.x's CLIP ViT-L/14: 768)")
+    out_dim: int = setting(0, "the target's width; 0: the target family's (SD1.x 768, SDXL 2048)")
     mult: int = setting(0, "MLP width multiplier; 0: 2 for text, 4 for embeddings (official)")
     depth: int = setting(5, "mixer blocks (GlueNet-5RM: 5)")
     token_width: int = setting(64, "an embedding of size E enters as E / token_width tokens (AudioCLIP: 1024 = 16 x 64)")
@@ -81,11 +101,11 @@ class GlueNetModelSettings:
     encoder_hint: str = setting("", "the source encoder's name written into the file; default: its file or folder name")
 
     def __post_init__(self) -> None:
-        for name in ("out_dim", "depth", "token_width"):
+        for name in ("depth", "token_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive")
-        if self.mult < 0 or self.input_divisor < 0:
-            raise ValueError("model.mult and model.input_divisor must be >= 0 (0: official default)")
+        if self.mult < 0 or self.input_divisor < 0 or self.out_dim < 0:
+            raise ValueError("model.out_dim, model.mult and model.input_divisor must be >= 0 (0: the default)")
 
 
 @dataclasses.dataclass
@@ -195,6 +215,10 @@ class GlueNetTask(TrainingTask):
     def modality(self) -> str:
         return self.data.modality
 
+    @property
+    def target_family(self) -> Family:
+        return family(self.target.kind)
+
     def resolved_optim(self) -> dict[str, Any]:
         return {
             "lr": self.optim.lr or self.official["lr"],
@@ -206,7 +230,7 @@ class GlueNetTask(TrainingTask):
         m = self.model_settings
         return {
             "architecture": self.official["architecture"] if m.architecture == "auto" else m.architecture,
-            "out_dim": m.out_dim, "mult": m.mult or self.official["mult"], "depth": m.depth, "token_width": m.token_width,
+            "out_dim": m.out_dim or self.target_family.token_width, "mult": m.mult or self.official["mult"], "depth": m.depth, "token_width": m.token_width,
             "input_divisor": m.input_divisor or self.official["input_divisor"], "language": m.language or None,
             "encoder_hint": m.encoder_hint or (Path(self.source.encoder).name if self.source.encoder else None),
         }
@@ -221,9 +245,11 @@ class GlueNetTask(TrainingTask):
             "cache": cache, "export": as_dict(self.export_settings),
         }
 
-    def build_gluenet_config(self, source_shape: tuple[int, ...]) -> GlueNetConfig:
-        """The GlueNet for features of ``source_shape`` (``[tokens, width]`` or ``[embedding]``)."""
+    def build_gluenet_config(self, source_shape: tuple[int, ...], target_norms: tuple[tuple[float, ...], float] | None = None) -> GlueNetConfig:
+        """The GlueNet for features of ``source_shape`` (``[tokens, width]`` or ``[embedding]``); ``target_norms``:
+        the per-token and pooled norms measured on the targets, for a family other than SD1.x."""
         m = self.resolved_model()
+        output_norm, pooled_norm = target_norms if target_norms is not None else (None, 1.0)
         if len(source_shape) == 2:
             tokens, width = source_shape
         else:
@@ -239,7 +265,8 @@ class GlueNetTask(TrainingTask):
                 architecture=m["architecture"], num_tokens=tokens, in_dim=width, out_dim=m["out_dim"], mult=m["mult"],
                 depth=m["depth"], num_tokens_out=77 if m["architecture"] == "translator_w_head" else None,
                 input_divisor=m["input_divisor"], output_scaling="tensor_norm_half", language=m["language"],
-                encoder_hint=m["encoder_hint"],
+                encoder_hint=m["encoder_hint"], target=self.target_family.key, output_norm=output_norm,
+                pooled_dim=self.target_family.pooled_dim, pooled_norm=pooled_norm,
             )
         except GlueNetConfigError as exc:
             raise ConfigError(f"[model] {exc}") from exc
@@ -256,13 +283,13 @@ class GlueNetTask(TrainingTask):
         target_fp = {
             "role": "target", "clip": fingerprint_path(Path(self.target.clip).expanduser(), verify),
             "tokenizer": fingerprint_path(tokenizer_folder(self.target), verify), "clip_dtype": self.target.dtype,
-            "settings": "77 tokens, padded with the end token, no attention mask, last_hidden_state",
-            "data": hash_strings(listing.target_texts),
+            "settings": TARGET_CONVENTIONS[self.target.kind], "data": hash_strings(listing.target_texts),
         }
         root = cache_folder(self.cache.dir, self.output_dir, "feature_cache", "the feature cache needs a folder")
         return {
             "source": FeatureCache(root, f"source-{self.modality}", source_fp, len(listing.sources), self.cache.dtype, self.cache.shard_size),
-            "target": FeatureCache(root, "target-clip", target_fp, len(listing.target_texts), self.cache.dtype, self.cache.shard_size),
+            "target": FeatureCache(root, TARGET_CACHES[self.target.kind], target_fp, len(listing.target_texts), self.cache.dtype,
+                                   self.cache.shard_size),
         }
 
     def prepare(self, dist: Distributed, log: logging.Logger, *, dry_run: bool = False) -> None:
@@ -272,9 +299,10 @@ class GlueNetTask(TrainingTask):
             raise ConfigError("set target.clip: an SD1.x checkpoint or a Hugging Face CLIP folder")
         listing = build_listing(self.data, seed=self.data_seed)
         self.listing = listing
+        out_dim = self.resolved_model()["out_dim"]
         width = peek_target_width(self.target)
         if width is not None:
-            check_target_width(width, self.model_settings.out_dim, Path(self.target.clip).name)
+            check_target_width(width, out_dim, Path(self.target.clip).name)
         caches = self._caches(listing)
         self.cache_states = {name: cache.state() for name, cache in caches.items()}
         if dry_run:
@@ -294,8 +322,9 @@ class GlueNetTask(TrainingTask):
                 shape = source_item_shape(self.modality, encoder)
             else:
                 encoder = self._load(lambda: load_target_encoder(self.target), dist)
-                check_target_width(encoder.hidden_size, self.model_settings.out_dim, encoder.name)
-                items, encode, shape = listing.target_texts, target_encode_fn(encoder), (77, encoder.hidden_size)
+                check_target_width(encoder.hidden_size, out_dim, encoder.name)
+                rows = 77 + (1 if getattr(encoder, "pooled_dim", 0) else 0)  # SDXL: the pooled vector packed as a 78th row
+                items, encode, shape = listing.target_texts, target_encode_fn(encoder), (rows, encoder.hidden_size)
             cache.build(items, encode, shape, dist, self.cache.encode_batch_size, state=self.cache_states[name])
             filled = getattr(encode, "filled", None)
             if filled and filled["count"] and dist.is_main:
@@ -306,16 +335,28 @@ class GlueNetTask(TrainingTask):
                 torch.cuda.empty_cache()
         self.sources = caches["source"].open()
         self.targets = caches["target"].open()
-        check_target_width(self.targets.item_shape[-1], self.model_settings.out_dim, Path(self.target.clip).name)
-        self.gluenet_config = self.build_gluenet_config(self.sources.item_shape)
+        check_target_width(self.targets.item_shape[-1], out_dim, Path(self.target.clip).name)
         usable = [self.sources.valid[s] and all(self.targets.valid[t] for t in c) for s, c in listing.samples]
         self.train_indices = [i for i, ok in enumerate(usable) if ok and not listing.val[i]]
+        self.gluenet_config = self.build_gluenet_config(self.sources.item_shape, self._measured_target_norms())
         self.val_indices = [i for i, ok in enumerate(usable) if ok and listing.val[i]][: self.data.val_max_samples]
         skipped = caches["source"].summary()["skipped"]
         self.usable = {"train_samples_usable": len(self.train_indices), "val_samples_used": len(self.val_indices),
                        **{f"skipped_{reason.replace(' ', '_')}": count for reason, count in skipped.items()}}
         self.cache_states = {name: cache.state() for name, cache in caches.items()}
         self._val_data: tuple[torch.Tensor, ...] | None = None
+
+    def _measured_target_norms(self) -> tuple[tuple[float, ...], float] | None:
+        """GlueGen's ``tensor_norm`` (mean L2 norm per token position) and the pooled vectors' mean norm, on the
+        first :data:`NORM_SAMPLES` training targets; ``None`` for SD1.x, which keeps the official CLIP values."""
+        pooled_dim = self.target_family.pooled_dim
+        if not pooled_dim:
+            return None
+        ids = sorted({t for i in self.train_indices for t in self.listing.samples[i][1]})[:NORM_SAMPLES]
+        if not ids:
+            raise TrainingError("no usable training sample to measure the SDXL targets' norms on")
+        tokens, pooled = unpack_target(self.targets.gather(ids).float(), pooled_dim)
+        return per_token_norm(tokens), float(pooled.norm(dim=-1).mean())
 
     @property
     def data_seed(self) -> int:
@@ -389,11 +430,16 @@ class GlueNetTask(TrainingTask):
     def validate(self, model: nn.Module) -> dict[str, float]:
         if not self.val_indices:
             return {}
-        sources, targets, ids = self._validation_tensors()
+        sources, packed, ids = self._validation_tensors()
+        targets, pooled_targets = unpack_target(packed, self.gluenet_config.pooled_dim)
         encoder: GlueNet = model.encoder
         device = next(encoder.parameters()).device
-        aligned = torch.cat([encoder.translate(chunk.to(device)).float().cpu() for chunk in sources.split(64)])
-        return alignment_metrics(aligned, targets, ids)
+        outputs = [encoder.translate_with_pooled(chunk.to(device)) for chunk in sources.split(64)]
+        metrics = alignment_metrics(torch.cat([tokens.float().cpu() for tokens, _ in outputs]), targets, ids)
+        if pooled_targets is not None:
+            pooled = torch.cat([p.float().cpu() for _, p in outputs])
+            metrics.update(pooled_metrics(pooled, pooled_targets, ids))
+        return metrics
 
     def export(self, model: nn.Module, output_dir: Path) -> list[Path]:
         path = Path(output_dir) / f"{self.export_settings.name}.safetensors"

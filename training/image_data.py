@@ -12,6 +12,8 @@ tab, undecodable text) is skipped and counted by reason, the first few reasons l
 is an error. Images go through the official transform — Resize(512), CenterCrop(512), ToTensor,
 Normalize(0.5, 0.5) — and the official RandomHorizontalFlip(0.5) happens in the training model
 (:mod:`.bridge_model`, :mod:`.uvit_model`) on the training process's RNG, so it is resumable and survives latent caching.
+Where each crop comes from — the image's size before resizing, the crop's offset — is :func:`crop_geometry`: SDXL's
+U-Net reads it as its size conditioning (:meth:`CropGeometry.time_ids`).
 """
 
 from __future__ import annotations
@@ -240,6 +242,46 @@ def load_image(path: Path, transform: Callable) -> torch.Tensor:
 
     with Image.open(path) as image:
         return transform(image.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where an image's training crop comes from, as SDXL's micro-conditioning states it (Podell et al. 2023,
+    §2.2; diffusers' ``train_text_to_image_sdxl.py``): the image's size before resizing, and the top-left
+    corner of the crop in the resized image."""
+
+    original_height: int
+    original_width: int
+    crop_top: int
+    crop_left: int
+
+    def time_ids(self, resolution: int) -> torch.Tensor:
+        """SDXL's ``time_ids`` ``[6]`` (float32): original (height, width), crop (top, left), target (height,
+        width), the target being the square training resolution, as diffusers' SDXL training computes them."""
+        return torch.tensor([self.original_height, self.original_width, self.crop_top, self.crop_left, resolution, resolution],
+                            dtype=torch.float32)
+
+
+def crop_geometry(width: int, height: int, resolution: int) -> CropGeometry:
+    """The geometry of :func:`image_transform` on a ``width`` x ``height`` image: torchvision's Resize (shorter
+    side to ``resolution``, the longer truncated to an int) and CenterCrop (offsets rounded), computed as
+    torchvision computes them, so it is exactly the crop the pixels went through."""
+    if width < 1 or height < 1:
+        raise ValueError(f"an image of {width} x {height} pixels has no crop")
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(resolution * long / short)
+    new_width, new_height = (resolution, new_long) if width <= height else (new_long, resolution)
+    return CropGeometry(height, width, int(round((new_height - resolution) / 2.0)), int(round((new_width - resolution) / 2.0)))
+
+
+def load_image_with_geometry(path: Path, transform: Callable, resolution: int) -> tuple[torch.Tensor, CropGeometry]:
+    """:func:`load_image`, and the :func:`crop_geometry` of the decoded image at ``resolution`` (the one
+    ``transform`` crops to)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+        return transform(rgb), crop_geometry(rgb.width, rgb.height, resolution)
 
 
 def held_out_count(count: int, total: int, what: str) -> int:

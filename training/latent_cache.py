@@ -15,6 +15,11 @@ names it. An image whose latents are NaN or infinite (after the fp16 conversion)
 never cached; values are not scanned at open (a multi-TB cache would be read end to end at every
 start), but every row read for training is checked, and a shard changed on disk after its build is
 named when its first bad row is read.
+
+**Crop geometry** (SDXL's micro-conditioning): a cache built with ``geometry_resolution`` also records, for every
+image it keeps, its size before resizing and the offset of its crop (:func:`.image_data.crop_geometry`) in a
+``geometry`` tensor (int32 ``[n, 4]``: original height, width, crop top, left) of each shard: format
+``x2i.bridge-latents/2``, a key of its own. Caches without it (SD1.x, PixArt, U-ViT) keep format 1.
 """
 
 from __future__ import annotations
@@ -34,19 +39,25 @@ from torch import nn
 from ..weights import save_safetensors_atomic, write_text_atomic
 from .distributed import Distributed
 from .errors import writing
-from .image_data import BridgeDataError, ImageCaption, load_image
+from .image_data import BridgeDataError, CropGeometry, ImageCaption, load_image, load_image_with_geometry
 from .shards import INDEX_FILE, ShardHandles, UnreadableShard, read_index, shard_file, shard_header
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "x2i.bridge-latents/1"
+# Format 1 plus each kept image's crop geometry (SDXL's micro-conditioning).
+GEOMETRY_CACHE_FORMAT = "x2i.bridge-latents/2"
 LATENT_TENSORS = frozenset({"mean", "std"})
+GEOMETRY_TENSOR = "geometry"
+GEOMETRY_DTYPE = "I32"  # as safetensors headers name torch.int32
 EMPTY_SHARD_TENSORS = frozenset({"empty"})
 LATENT_DTYPE = "F16"  # as safetensors headers name torch.float16
 
 
-def cache_key(items: Sequence[ImageCaption], settings: dict[str, Any], vae_fingerprint: str) -> str:
-    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "settings": settings, "vae": vae_fingerprint}, sort_keys=True).encode())
+def cache_key(items: Sequence[ImageCaption], settings: dict[str, Any], vae_fingerprint: str, cache_format: str = CACHE_FORMAT) -> str:
+    """What a cache's files must carry to be reused: the format, the settings, the VAE, every pair with its
+    file size and time. ``cache_format``: :data:`GEOMETRY_CACHE_FORMAT` for a cache that records crop geometry."""
+    digest = hashlib.sha256(json.dumps({"format": cache_format, "settings": settings, "vae": vae_fingerprint}, sort_keys=True).encode())
     for item in items:
         digest.update(f"{item.image}\t{item.caption}\t{item.size}\t{item.mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -97,17 +108,35 @@ class LatentRows:
     def read(self, shard: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         return read_latent_row(self.handles[shard], shard_file(self.handles.folder, shard), row)
 
+    def read_geometry(self, shard: int, row: int) -> CropGeometry:
+        """Row ``row``'s crop geometry (a cache built with ``geometry_resolution``)."""
+        values = self.handles[shard].get_slice(GEOMETRY_TENSOR)[row: row + 1][0].tolist()
+        if min(values) < 0 or min(values[:2]) < 1:
+            raise BridgeDataError(
+                f"latent cache shard {shard_file(self.handles.folder, shard).name} holds an impossible crop geometry {values} "
+                f"(row {row}); the file changed after it was built. Delete it and run again to encode it again"
+            )
+        return CropGeometry(*values)
+
 
 class LatentCache:
     """Shards ``shard-XXXXX.safetensors`` (``mean``/``std`` ``[n, 2 (unflipped, flipped), C, h, w]`` fp16, the
     kept pair indices, the undecodable and the non-finite ones in metadata) and ``index.json`` written
-    when all are done."""
+    when all are done.
 
-    def __init__(self, folder: str | os.PathLike[str], items: Sequence[ImageCaption], key: str, shard_size: int = 1024) -> None:
+    ``geometry_resolution``: also record every kept image's :class:`.image_data.CropGeometry` for this training
+    resolution (the one the transform crops to) in a ``geometry`` tensor: format
+    :data:`GEOMETRY_CACHE_FORMAT`, whose ``key`` comes from ``cache_key(..., cache_format=GEOMETRY_CACHE_FORMAT)``."""
+
+    def __init__(self, folder: str | os.PathLike[str], items: Sequence[ImageCaption], key: str, shard_size: int = 1024,
+                 geometry_resolution: int | None = None) -> None:
         self.folder = Path(folder)
         self.items = list(items)
         self.key = key
         self.shard_size = shard_size
+        self.geometry_resolution = geometry_resolution
+        self.format = GEOMETRY_CACHE_FORMAT if geometry_resolution else CACHE_FORMAT
+        self.tensors = LATENT_TENSORS | {GEOMETRY_TENSOR} if geometry_resolution else LATENT_TENSORS
         self.num_shards = (len(self.items) + shard_size - 1) // shard_size
         # Items whose latents were NaN or infinite (skipped), as read_index() found them.
         self.non_finite: list[int] = []
@@ -125,7 +154,7 @@ class LatentCache:
             metadata, header = shard_header(path)
         except UnreadableShard as exc:
             return None, str(exc), None
-        if metadata.get("format") != CACHE_FORMAT or metadata.get("key") != self.key:
+        if metadata.get("format") != self.format or metadata.get("key") != self.key:
             return None, "from another dataset, VAE or setting (its key differs from this cache's)", None
         try:
             kept, skipped, non_finite = (json.loads(metadata.get(name, "[]")) for name in ("kept", "skipped", "non_finite"))
@@ -139,8 +168,8 @@ class LatentCache:
             if set(header) != EMPTY_SHARD_TENSORS:
                 return None, f"the tensors {sorted(header)} for no image", None
             return metadata, None, None
-        if set(header) != LATENT_TENSORS:
-            return None, f"the tensors {sorted(header)}, not {sorted(LATENT_TENSORS)}", None
+        if set(header) != self.tensors:
+            return None, f"the tensors {sorted(header)}, not {sorted(self.tensors)}", None
         shape, dtype = header["mean"]
         if header["std"] != (shape, dtype) or dtype != LATENT_DTYPE or len(shape) != 5 or shape[:2] != [len(kept), 2]:
             return None, (
@@ -149,6 +178,9 @@ class LatentCache:
             ), None
         if latent_shape is not None and shape[2:] != list(latent_shape):
             return None, f"{shape[2:]} latents where the cache holds {list(latent_shape)}", None
+        if GEOMETRY_TENSOR in self.tensors and header[GEOMETRY_TENSOR] != ([len(kept), 4], GEOMETRY_DTYPE):
+            found_shape, found_dtype = header[GEOMETRY_TENSOR]
+            return None, f"geometry {found_dtype} {found_shape}; expected {GEOMETRY_DTYPE} [{len(kept)}, 4]", None
         return metadata, None, shape[2:]
 
     def _read_index(self) -> dict[str, Any] | None:
@@ -231,10 +263,15 @@ class LatentCache:
         non_finite: list[int] = []
         means: list[torch.Tensor] = []
         stds: list[torch.Tensor] = []
+        geometry: dict[int, CropGeometry] = {}
         indices = list(range(first, min(first + self.shard_size, len(self.items))))
         for position, index in enumerate(indices):
             try:
-                pending.append((index, load_image(self.items[index].image, transform)))
+                if self.geometry_resolution:
+                    pixels, geometry[index] = load_image_with_geometry(self.items[index].image, transform, self.geometry_resolution)
+                else:
+                    pixels = load_image(self.items[index].image, transform)
+                pending.append((index, pixels))
             except (OSError, ValueError, SyntaxError) as exc:
                 skipped.append(index)
                 logger.warning("latent cache: %s does not decode (%s); skipped", self.items[index].image, exc)
@@ -252,8 +289,11 @@ class LatentCache:
                 stds.append(std[finite])
                 pending.clear()
         tensors = {"mean": torch.cat(means), "std": torch.cat(stds)} if kept else {"empty": torch.zeros(0)}
+        if kept and self.geometry_resolution:
+            tensors[GEOMETRY_TENSOR] = torch.tensor(
+                [[g.original_height, g.original_width, g.crop_top, g.crop_left] for g in map(geometry.__getitem__, kept)], dtype=torch.int32)
         metadata = {
-            "format": CACHE_FORMAT, "key": self.key, "shard": str(shard), "kept": json.dumps(kept), "skipped": json.dumps(skipped),
+            "format": self.format, "key": self.key, "shard": str(shard), "kept": json.dumps(kept), "skipped": json.dumps(skipped),
             "non_finite": json.dumps(non_finite),
         }
         save_safetensors_atomic(tensors, self.shard_path(shard), metadata)
@@ -275,7 +315,7 @@ class LatentCache:
             skipped.extend(json.loads(metadata["skipped"]))
             non_finite.extend(json.loads(metadata.get("non_finite", "[]")))
         index = {
-            "format": CACHE_FORMAT, "key": self.key, "count": sum(map(len, kept)), "latent_shape": latent_shape, "kept": kept,
+            "format": self.format, "key": self.key, "count": sum(map(len, kept)), "latent_shape": latent_shape, "kept": kept,
             "skipped": skipped, "non_finite": non_finite,
         }
         with writing("latent cache", "free disk space or choose another cache folder, then run again (the shards are kept)",

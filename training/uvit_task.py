@@ -198,6 +198,9 @@ class UViTTask(TrainingTask):
 
     def prepare(self, dist: Distributed, log: logging.Logger, *, dry_run: bool = False) -> None:
         c = self.uvit_config
+        if self.text.kind != "sd1":
+            raise ConfigError(f"text.kind = {self.text.kind!r}: a U-ViT reads SD1.x's CLIP ViT-L/14 text features "
+                              "(text.kind = \"sd1\"); SDXL's two encoders are a GlueNet target")
         vae_path = self._path(self.model_settings.vae, "model.vae (SD's KL-f8 VAE, or a checkpoint holding it)")
         clip_path = self._path(self.text.clip, "text.clip (an SD1.x checkpoint or a Hugging Face CLIP folder)")
         factor = _vae_downsampling(vae_path)

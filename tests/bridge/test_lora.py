@@ -15,6 +15,7 @@ from support import DATA_DIR
 from x2i.bridge.lora import (
     OFFICIAL_PIXART_TARGET_CLASSES,
     OFFICIAL_UNET_TARGET_CLASSES,
+    SDXL_UNET,
     LaViBridgeFileError,
     LoraTarget,
     UNetStructure,
@@ -26,7 +27,10 @@ from x2i.bridge.lora import (
     text_lora_targets,
     unet_lora_targets,
 )
-from x2i.training.diffusion_models import SD1_UNET_CONFIG  # diffusers config of SD1.5's U-Net
+from x2i.training.diffusion_models import (  # diffusers configs of SD1.5's and SDXL's U-Nets
+    SD1_UNET_CONFIG,
+    SDXL_UNET_CONFIG,
+)
 
 GOLDEN = DATA_DIR / "lavibridge_lora_golden.safetensors"
 
@@ -94,6 +98,20 @@ def test_sd15_unet_targets_match_the_official_traversal_exactly():
     assert targets[-1].name == "mid_block.resnets.1.conv2"
     shortcut = next(t for t in targets if t.name.endswith("conv_shortcut"))
     assert shortcut.pair_shapes(32) == ((640, 32, 1, 1), (32, 320, 1, 1))
+
+
+def test_sdxl_unet_targets_match_the_official_traversal_exactly():
+    """SDXL base: per-block transformer depths (1, 2, 10), reversed in the up blocks, 10 in the mid block."""
+    import diffusers  # in requirements-test.txt: the real diffusers traversal is the reference
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    targets = unet_lora_targets(SDXL_UNET_CONFIG)
+    assert as_triples(targets) == official_order(unet, OFFICIAL_UNET_TARGET_CLASSES)
+    assert as_triples(unet_lora_targets(SDXL_UNET)) == as_triples(targets)
+    # 70 transformer blocks x 9 layers; 17 resnets x (conv1, time_emb_proj, conv2); 11 width-changing shortcuts.
+    assert len(targets) == 70 * 9 + 17 * 3 + 11
+    assert next(t for t in targets if t.name.endswith("attn2.to_k")).pair_shapes(32) == ((640, 32), (32, 2048))
+    assert targets[-1].name == "mid_block.resnets.1.conv2"
 
 
 def test_tiny_unet_variant_also_matches():

@@ -9,6 +9,7 @@ Session fixtures, in dependency order:
 
 * ``comfyui_path``      -> Path of the ComfyUI checkout.
 * ``sd15_checkpoint``   -> Path of a cached random-weight SD1.5 checkpoint.
+* ``sdxl_checkpoint``   -> Path of a cached random-weight SDXL-family checkpoint (no text encoders).
 * ``comfy_models_dir``  -> Path of a temp models root (checkpoints/, text_encoders/,
   gluenet/, ...); request fixtures that add files to it *before* ``comfy_server``.
 * ``comfy_server``      -> a running ``ComfyServer`` (see tests/support/comfy_server.py).
@@ -16,12 +17,7 @@ Session fixtures, in dependency order:
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,11 +42,13 @@ from support.models import (
     write_vae_from_checkpoint,
 )
 from support.sample_inputs import BARK_FILE, CHAIR_FILE, write_wav
-from support.sd15_checkpoint import RECIPE_METADATA_KEY, RECIPE_VERSION
+from support.sd15_checkpoint import RECIPE_VERSION, cached_checkpoint
+from support.sdxl_checkpoint import RECIPE_VERSION as SDXL_RECIPE_VERSION
 from support.workflow_models import (
     CLIP_FILE,
     PIXART_TEST_DEPTH,
     SD_IN_WRONG_FOLDER,
+    SDXL_CHECKPOINT,
     SECOND_LORA,
     SECOND_LORA_KEY,
     TINY_UVIT,
@@ -63,15 +61,13 @@ from x2i.uvit import UViT, save_uvit
 
 HERE = Path(__file__).resolve().parent
 SD15_CHECKPOINT_SCRIPT = HERE.parent / "support" / "sd15_checkpoint.py"
-
-log = logging.getLogger("x2i.tests.conftest")
+SDXL_CHECKPOINT_SCRIPT = HERE.parent / "support" / "sdxl_checkpoint.py"
 
 REPO_ROOT = HERE.parents[1]
 SKIP_REASON = "COMFYUI_PATH is not set: integration tests need a ComfyUI checkout (see README)"
 CHECKPOINT_NAME = "sd15_random.safetensors"
 # The name example workflows use, so they run unmodified.
 CHECKPOINT_ALIAS = "v1-5-pruned-emaonly.safetensors"
-BUILD_TIMEOUT_S = 900
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -101,23 +97,13 @@ def comfyui_path() -> Path:
     return path
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("X2I_TEST_CACHE", "~/.cache/x2i-tests")).expanduser()
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """Read the JSON header only (8-byte little-endian length, then JSON): no torch needed."""
-    with path.open("rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_len))
-    return header.get("__metadata__", {}) or {}
-
-
-def _is_current_build(path: Path) -> bool:
+def _cached_checkpoint(script: Path, name: str, recipe_version: str, comfyui_path: Path) -> Path:
+    """``$X2I_TEST_CACHE/name`` (default ``~/.cache/x2i-tests``), built by ``script`` in a subprocess unless the
+    cached file was made by ``recipe_version``; a failed build fails the test."""
     try:
-        return _safetensors_metadata(path).get(RECIPE_METADATA_KEY) == RECIPE_VERSION
-    except (OSError, ValueError):
-        return False
+        return cached_checkpoint(script, name, recipe_version, comfyui_path)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")
@@ -127,19 +113,19 @@ def sd15_checkpoint(comfyui_path: Path) -> Path:
     Built by ``tests/support/sd15_checkpoint.py`` in a subprocess, which also checks that
     ``comfy.sd.load_checkpoint_guess_config`` loads it as SD1.5.
     """
-    target = _cache_dir() / CHECKPOINT_NAME
-    if _is_current_build(target):
-        return target
-    log.info("building %s (about a minute)", target)
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, str(SD15_CHECKPOINT_SCRIPT),
-         "--comfyui", str(comfyui_path), "--out", str(target)],
-        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"building the SD1.5 test checkpoint failed:\n{result.stderr[-6000:]}")
-    log.info("built %s in %.1f s", target, time.perf_counter() - started)
-    return target
+    return _cached_checkpoint(SD15_CHECKPOINT_SCRIPT, CHECKPOINT_NAME, RECIPE_VERSION, comfyui_path)
+
+
+@pytest.fixture(scope="session")
+def sdxl_checkpoint(comfyui_path: Path) -> Path:
+    """A random-weight SDXL-family single-file checkpoint (~1.8 GB fp16: U-Net and VAE, no text encoders),
+    built once and cached as ``sdxl_random.safetensors`` (``SDXL_CHECKPOINT``).
+
+    Built by ``tests/support/sdxl_checkpoint.py`` in a subprocess, which also checks that
+    ``comfy.sd.load_checkpoint_guess_config`` loads it as SDXL (Segmind Vega's depths), with a VAE and no CLIP.
+    Workflows that use it encode their prompts with the pack's encoders (ComfyUI builds no CLIP from it).
+    """
+    return _cached_checkpoint(SDXL_CHECKPOINT_SCRIPT, SDXL_CHECKPOINT, SDXL_RECIPE_VERSION, comfyui_path)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -210,6 +196,55 @@ def gluegen_models(comfy_models_dir: Path) -> Path:
     # A LoRA sitting in the wrong folder: a valid safetensors file that is not a GlueNet.
     save_file({"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 2)}, str(gluenets / "not_a_gluenet.safetensors"))
     return comfy_models_dir
+
+
+# The checkpoint name the SDXL workflows use, so they run unmodified.
+SDXL_CHECKPOINT_ALIAS = "sd_xl_base_1.0.safetensors"
+
+
+def sdxl_gluenet(path: Path, architecture: str, num_tokens: int, in_dim: int, seed: int, **extra) -> None:
+    """A GlueNet for SDXL in this pack's format (nobody released one): 77 x 2048 tokens and the 1280-wide pooled
+    vector, with per-token norms of the size SDXL's targets have."""
+    config = GlueNetConfig(architecture, num_tokens=num_tokens, in_dim=in_dim, out_dim=2048, depth=extra.pop("depth", 2),
+                           target="sdxl", pooled_dim=1280, output_norm=(60.0,) + (30.0,) * 76, pooled_norm=2.0, **extra)
+    torch.manual_seed(seed)
+    save_gluenet(GlueNet(config), path)
+
+
+@pytest.fixture(scope="session")
+def sdxl_models(comfy_models_dir: Path, sdxl_checkpoint: Path, gluegen_models: Path, multimodal_models: Path) -> Path:
+    """What the SDXL GlueGen workflows name: the random SDXL-family checkpoint as ``sd_xl_base_1.0.safetensors``,
+    French and Chinese GlueNets for the 1024-wide stand-in XLM-R, a sound GlueNet for AudioCLIP's 1024 (16 x 64)."""
+    _link_or_copy(sdxl_checkpoint, comfy_models_dir / "checkpoints" / SDXL_CHECKPOINT_ALIAS)
+    gluenets = comfy_models_dir / "gluenet"
+    for seed, (language, code) in enumerate((("Chinese", "zh"), ("French", "fr"))):
+        sdxl_gluenet(gluenets / f"gluenet_{language}_xlmr_sdxl.safetensors", "translator_noln", 77, 1024, seed,
+                     input_divisor=3.0, language=code)
+    sdxl_gluenet(gluenets / "gluenet_sound_us8k_sdxl.safetensors", "translator_w_head", 16, 64, 5, depth=3, num_tokens_out=77, mult=2)
+    return comfy_models_dir
+
+
+@pytest.fixture(scope="session")
+def sdxl_bridge_models(sdxl_models: Path, lavibridge_t5_models: Path) -> Path:
+    """What lavibridge_t5_sdxl.json names besides the checkpoint and ``t5-large``: a bridge file of this pack trained
+    for SDXL (nobody released one) whose vision LoRA fits the test checkpoint's U-Net as ComfyUI detects it."""
+    from support.sdxl_checkpoint import SDXL_UNET
+    from x2i.bridge.adapter import TextAdapter, TextAdapterConfig
+    from x2i.bridge.lora import UNetStructure, text_lora_targets, unet_lora_targets
+    from x2i.bridge.trained import save_trained_bridge
+
+    t5 = T5EncoderModel.from_pretrained(sdxl_models / "text_encoders" / "t5-large")
+    generator = torch.Generator().manual_seed(3)
+
+    def pairs(targets) -> dict:
+        return {t.name: tuple(torch.randn(shape, generator=generator) * 0.01 for shape in t.pair_shapes(4)) for t in targets}
+
+    torch.manual_seed(3)
+    adapter = TextAdapter(TextAdapterConfig(t5.config.d_model, 64, 2048, pooled_dim=1280))
+    save_trained_bridge(sdxl_models / "lavi_bridge" / "t5_sdxl.safetensors", recipe="t5_unet", diffusion_model="sdxl",
+                        adapter=adapter, vision_lora=pairs(unet_lora_targets(UNetStructure.from_comfy_config(SDXL_UNET))),
+                        text_lora=pairs(text_lora_targets(t5, "t5")), context_dim=2048, language_model="t5-large")
+    return sdxl_models
 
 
 @pytest.fixture(scope="session")

@@ -32,10 +32,10 @@ DRIVER_DIR = Path(__file__).resolve().parent / "frontend"
 DRIVER = DRIVER_DIR / "drive.mjs"
 DRIVER_TIMEOUT_S = 600
 WORKFLOWS = sorted(p.name for p in WORKFLOWS_DIR.glob("*.json"))
-# One per family (GlueGen text and multimodal, LaVi-Bridge on SD and PixArt, U-ViT, block conditioning):
-# the other runs sample ui_to_api's prompts, which the graphToPrompt test proves equal to the frontend's.
-QUEUED = ["gluegen_multilingual.json", "gluegen_sound_text_mix.json", "lavibridge_t5_pixart.json",
-          "lavibridge_t5_sd15.json", "uvit_text_to_image.json", "block_conditioning_sd15.json"]
+# One per family (GlueGen text and multimodal, GlueGen on SDXL, LaVi-Bridge on SD and PixArt, U-ViT, block
+# conditioning): the other runs sample ui_to_api's prompts, which the graphToPrompt test proves equal to the frontend's.
+QUEUED = ["gluegen_multilingual.json", "gluegen_sound_text_mix.json", "gluegen_multilingual_sdxl.json",
+          "lavibridge_t5_pixart.json", "lavibridge_t5_sd15.json", "uvit_text_to_image.json", "block_conditioning_sd15.json"]
 QUEUED_STEPS = 2
 # The shipped T5 workflow with its GlueNet loader renamed to a type no pack registers: proves the driver
 # sees what the frontend shows for a missing node, so an empty report above means something.
@@ -71,7 +71,7 @@ def _graph(name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def frontend(gluegen_models, multimodal_models, multimodal_inputs, lavibridge_models, pixart_models, uvit_models,
+def frontend(gluegen_models, multimodal_models, multimodal_inputs, sdxl_bridge_models, lavibridge_models, pixart_models, uvit_models,
              comfy_server: ComfyServer) -> dict[str, Any]:
     """One browser session over every shipped workflow (with all the models they name in place): the
     driver's report (see drive.mjs)."""

@@ -9,8 +9,8 @@ from functools import partial
 import pytest
 import torch
 
-from support.comfy_sampling import sample_latent
-from support.sd15_unet import SD15_BLOCKS, SD15_UNET
+from support.comfy_sampling import narrow_model, sample_latent
+from support.sd15_unet import SD15_BLOCKS
 from x2i.block_conditioning import (
     BlockSpecError,
     cross_attention_blocks,
@@ -19,28 +19,13 @@ from x2i.block_conditioning import (
     parse_blocks,
 )
 
-# SD1.5's U-Net with 32 instead of 320 channels: same blocks, same attention layout, 768-wide context.
-SD15_NARROW = SD15_UNET | {"model_channels": 32}
-
-
 # Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def unet(comfy):
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.SD15(SD15_NARROW)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # ComfyUI's constructors skip initialisation
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return narrow_model("sd1")
 
 
 def text(seed: int, tokens: int = 77, width: int = 768) -> torch.Tensor:
@@ -196,31 +181,11 @@ def test_a_model_without_unet_blocks_is_refused(pack, comfy):
 
 # --- other U-Nets -----------------------------------------------------------------------------------
 
-# SDXL's U-Net config (comfy/model_detection.py) with 64 channels and one transformer per block: the
-# same blocks carry cross-attention, 2048-wide.
-SDXL_NARROW = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 64,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 1, 1], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-
-
 def test_an_sdxl_unet_gets_its_own_blocks_and_width(pack, comfy):
-    import comfy.model_patcher
     import comfy.sample
-    import comfy.supported_models
 
-    config = comfy.supported_models.SDXL(SDXL_NARROW)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    cpu = torch.device("cpu")
-    unet = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    unet = narrow_model("sdxl")
+    model = unet.model
     assert cross_attention_blocks(model.diffusion_model) == (
         ("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0), *(("output", i) for i in range(6)),
     )

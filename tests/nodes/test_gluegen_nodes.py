@@ -59,7 +59,9 @@ def test_text_encode_node_equals_the_official_math(pack, installed, small_text_g
     assert gluenet.language == "fr"
     prompt = "Peinture impressionniste d'un jardin d'après-midi"
     (conditioning,) = pack.X2IGlueGenTextEncode.execute(encoder, gluenet, prompt).result
-    assert len(conditioning) == 1 and conditioning[0][1] == {}
+    from x2i.nodes.common import FAMILY_HOOKS
+
+    assert len(conditioning) == 1 and conditioning[0][1] == {"hooks": FAMILY_HOOKS["sd1"]}  # SD1.x: no pooled vector
     tokens = conditioning[0][0]
     assert tokens.shape == (1, 77, 768) and tokens.dtype == torch.float32 and tokens.device.type == "cpu"
     expected = reference_gluegen_text(tiny_xlmr, small_text_gluenet_state, [prompt])

@@ -1,5 +1,5 @@
-"""Builders for the bridge-trainer tests: tiny SD1.x-structured U-Nets, VAEs and PixArt transformers as
-diffusers folders or as single files in the original (LDM) key layout, and generated image-caption data.
+"""Builders for the bridge-trainer tests: tiny SD1.x- and SDXL-structured U-Nets, VAEs and PixArt transformers as
+diffusers folders or as single files in the original (LDM / SGM) key layout, and generated image-caption data.
 
 The LDM layout is written by inverting diffusers' conversion (the mapping of diffusers'
 ``scripts/convert_diffusers_to_original_stable_diffusion.py``, generalised to any number of levels), so
@@ -29,6 +29,20 @@ TINY_VAE_CONFIG = {
     "up_block_types": ["UpDecoderBlock2D"] * 3, "block_out_channels": [16, 32, 32], "latent_channels": 4,
     "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32, "scaling_factor": 0.18215,
 }
+# SDXL-structured U-Net, small: SDXL's real text context (2048) and its pooled-text + size embedding ("text_time",
+# 1280 + 6 x 8), three levels as SDXL's (the first without attention), per-level transformer depths (1, 2: the
+# middle block takes the last level's, as diffusers builds it), SDXL's heads of 64 channels and 32 norm groups, so
+# that the config read back from a single file's shapes is exactly this one.
+TINY_SDXL_UNET_CONFIG = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64, 64], "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 1, 2], "attention_head_dim": [1, 1, 1], "use_linear_projection": True,
+    "cross_attention_dim": 2048, "norm_num_groups": 32, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 1280 + 6 * 8, "addition_embed_type_num_heads": 64,
+}
+# The tiny VAE with SDXL's latent scale, kept in float32 as SDXL's (force_upcast).
+TINY_SDXL_VAE_CONFIG = {**TINY_VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True}
 # PixArt-alpha-structured transformer (learned sigma: 8 output channels), 2 blocks, 16 wide, 32-wide captions.
 TINY_PIXART_CONFIG = {
     "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 2,
@@ -44,11 +58,18 @@ def tiny_unet(seed: int = 0, **overrides):
     return UNet2DConditionModel(**{**TINY_UNET_CONFIG, **overrides}).eval()
 
 
-def tiny_vae(seed: int = 0):
+def tiny_vae(seed: int = 0, config: dict | None = None):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    return AutoencoderKL(**(config or TINY_VAE_CONFIG)).eval()
+
+
+def tiny_sdxl_unet(seed: int = 0, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**TINY_SDXL_UNET_CONFIG, **overrides}).eval()
 
 
 def tiny_pixart(seed: int = 0, **overrides):
@@ -66,6 +87,14 @@ def make_sd1_folder(folder: Path, seed: int = 0, **unet_overrides) -> Path:
     return folder
 
 
+def make_sdxl_folder(folder: Path, seed: int = 0, **unet_overrides) -> Path:
+    """A diffusers SDXL-style folder: ``unet/`` (``addition_embed_type: "text_time"``) and ``vae/`` (scale 0.13025)."""
+    tiny_sdxl_unet(seed, **unet_overrides).save_pretrained(folder / "unet")
+    tiny_vae(seed + 1, TINY_SDXL_VAE_CONFIG).save_pretrained(folder / "vae")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return folder
+
+
 def make_pixart_folder(folder: Path, seed: int = 0, **overrides) -> Path:
     """A diffusers PixArt-alpha-style folder: ``transformer/`` and ``vae/``."""
     tiny_pixart(seed, **overrides).save_pretrained(folder / "transformer")
@@ -80,13 +109,16 @@ _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_la
 
 
 def ldm_unet_state(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """A diffusers ``UNet2DConditionModel``'s weights under the LDM names (``input_blocks.N.M...``)."""
+    """A diffusers ``UNet2DConditionModel``'s weights under the LDM names (``input_blocks.N.M...``); an SDXL U-Net's
+    ``add_embedding`` as the SGM layout's ``label_emb.0.0`` / ``label_emb.0.2`` (its transformer depths, per level,
+    are whatever ``transformer_blocks.N`` the attention modules hold)."""
     config = unet.config
     levels, layers = len(config.block_out_channels), config.layers_per_block
     prefixes: list[tuple[str, str]] = [
         ("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
         ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
         ("mid_block.attentions.0.", "middle_block.1."),
+        ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
     ]
     prefixes += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.") for j in range(2)]
     for i in range(levels):
@@ -170,6 +202,24 @@ def write_sd1_single_file(path: Path, seed: int = 0, with_vae: bool = True, extr
     return path, unet, vae
 
 
+def write_sdxl_single_file(path: Path, seed: int = 0, with_vae: bool = True, extra: dict | None = None,
+                           **unet_overrides) -> tuple[Path, nn.Module, nn.Module]:
+    """A tiny SDXL-structured checkpoint in the original SGM layout (``model.diffusion_model.*`` with ``label_emb``,
+    ``first_stage_model.*``, and a stand-in for the ``conditioner.embedders.*`` text encoders, which the trainer
+    never reads) as safetensors; returns the path and the diffusers models it holds."""
+    from safetensors.torch import save_file
+
+    unet, vae = tiny_sdxl_unet(seed, **unet_overrides), tiny_vae(seed + 1, TINY_SDXL_VAE_CONFIG)
+    tensors = {f"model.diffusion_model.{k}": v for k, v in ldm_unet_state(unet).items()}
+    if with_vae:
+        tensors.update({f"first_stage_model.{k}": v for k, v in ldm_vae_state(vae).items()})
+    tensors["conditioner.embedders.1.model.ln_final.weight"] = torch.ones(8)
+    tensors.update(extra or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path, unet, vae
+
+
 # ---- the official positional order, written from its description -----------------------------------
 
 def official_order(model: nn.Module, target_classes: set[str]) -> list[str]:
@@ -227,3 +277,20 @@ def write_squares_folder(folder: Path, count: int, size: int = 32, seed: int = 0
         image.save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption + "\n", encoding="utf-8")
     return folder
+
+
+def run_bridge(raw: dict, output: Path, task_class=None, **settings):
+    """``(task, result)`` of a bridge run from ``raw`` into ``output`` (resuming what is there), with the bridge
+    tests' run settings unless ``settings`` say otherwise; ``task_class``: a BridgeTask subclass."""
+    from x2i.training import RunSettings, train
+    from x2i.training.bridge_task import BridgeTask
+
+    task = (task_class or BridgeTask).from_config(raw)
+    values = {"batch_size": 8, "log_every": 1, "grad_clip": 1.0, "seed": 3, **settings}
+    return task, train(task, RunSettings(output_dir=str(output), **values), resume="auto")
+
+
+def run_metrics(output: Path, split: str, key: str) -> list[float]:
+    """``key`` of every ``split`` row of a run's metrics.jsonl, in order."""
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if r["split"] == split]

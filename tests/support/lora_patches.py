@@ -45,6 +45,27 @@ def pixart_weight_map(unet_config: Mapping) -> dict[str, tuple[str, slice | None
     return _from_converter(comfy.utils.pixart_to_diffusers(dict(unet_config)))
 
 
+def unet_weight_map(unet_config: Mapping) -> dict[str, tuple[str, slice | None]]:
+    """:func:`sd1_weight_map` for any SD-style U-Net ComfyUI detected (SDXL, SSD-1B ...): the same converter."""
+    return sd1_weight_map(unet_config)
+
+
+def as_forward_sees(patcher, root: str = "diffusion_model") -> dict[str, torch.Tensor]:
+    """``root``'s state dict with the weight of every ComfyUI op layer replaced by what its forward uses: ComfyUI's
+    own ``comfy.ops.cast_bias_weight`` on the patcher's load device (it applies the on-the-fly LowVramPatch
+    functions of a layer patched that way; a merged layer's weight as it is), brought to the CPU."""
+    import comfy.ops
+    import comfy.utils
+
+    module = comfy.utils.get_attr(patcher.model, root)
+    state = dict(module.state_dict())
+    for name, layer in module.named_modules():
+        if isinstance(layer, comfy.ops.CastWeightBiasOp) and getattr(layer, "weight", None) is not None:
+            weight, _ = comfy.ops.cast_bias_weight(layer, dtype=layer.weight.dtype, device=patcher.load_device)
+            state[f"{name}.weight"] = weight.detach().cpu()
+    return state
+
+
 def identity_weight_map(names: Sequence[str], prefix: str = "") -> dict[str, tuple[str, slice | None]]:
     """Module names that key the state dict as they are (a transformers model's own names)."""
     return {name: (f"{prefix}{name}.weight", None) for name in names}

@@ -91,6 +91,82 @@ def write_sd1_checkpoint(path: Path, hidden: int = 32, layers: int = 1, seed: in
     return {k: v.half().float() for k, v in state.items()}
 
 
+# SDXL's text encoders at their real widths (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14; ComfyUI's
+# sd1_clip_config.json and clip_config_bigg.json), with the depth and vocabulary the tests choose.
+SDXL_CLIP_L = {"width": 768, "intermediate": 3072}
+SDXL_CLIP_G = {"width": 1280, "intermediate": 5120, "projection": 1280}
+SDXL_POSITIONS = 77
+SMALL_CLIP_VOCAB = 514  # make_clip_tokenizer's: 2 x 256 byte-level characters + start + end
+
+
+def _sdxl_random(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Seeded values by name: LayerNorm weights near 1, everything else small, so every tensor matters."""
+    out = {}
+    for key, shape in shapes.items():
+        value = torch.randn(shape, generator=generator)
+        is_norm = ".ln_" in key or "layer_norm" in key or "ln_final" in key
+        out[key] = 1 + 0.1 * value if is_norm and key.endswith("weight") else 0.02 * value
+    return out
+
+
+def _clip_l_shapes(layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """CLIP ViT-L in transformers names, below ``text_model.``."""
+    w, f = SDXL_CLIP_L["width"], SDXL_CLIP_L["intermediate"]
+    shapes = {"embeddings.token_embedding.weight": (vocab, w), "embeddings.position_embedding.weight": (SDXL_POSITIONS, w)}
+    for n in range(layers):
+        p = f"encoder.layers.{n}."
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes.update({f"{p}self_attn.{name}.weight": (w, w), f"{p}self_attn.{name}.bias": (w,)})
+        shapes.update({f"{p}layer_norm1.weight": (w,), f"{p}layer_norm1.bias": (w,), f"{p}layer_norm2.weight": (w,),
+                       f"{p}layer_norm2.bias": (w,), f"{p}mlp.fc1.weight": (f, w), f"{p}mlp.fc1.bias": (f,),
+                       f"{p}mlp.fc2.weight": (w, f), f"{p}mlp.fc2.bias": (w,)})
+    shapes.update({"final_layer_norm.weight": (w,), "final_layer_norm.bias": (w,)})
+    return shapes
+
+
+def _open_clip_g_shapes(layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """OpenCLIP ViT-bigG's text tower in open_clip names (``text_projection`` stored [width, proj])."""
+    w, f, proj = SDXL_CLIP_G["width"], SDXL_CLIP_G["intermediate"], SDXL_CLIP_G["projection"]
+    shapes = {"token_embedding.weight": (vocab, w), "positional_embedding": (SDXL_POSITIONS, w)}
+    for n in range(layers):
+        p = f"transformer.resblocks.{n}."
+        shapes.update({f"{p}ln_1.weight": (w,), f"{p}ln_1.bias": (w,), f"{p}attn.in_proj_weight": (3 * w, w),
+                       f"{p}attn.in_proj_bias": (3 * w,), f"{p}attn.out_proj.weight": (w, w), f"{p}attn.out_proj.bias": (w,),
+                       f"{p}ln_2.weight": (w,), f"{p}ln_2.bias": (w,), f"{p}mlp.c_fc.weight": (f, w), f"{p}mlp.c_fc.bias": (f,),
+                       f"{p}mlp.c_proj.weight": (w, f), f"{p}mlp.c_proj.bias": (w,)})
+    shapes.update({"ln_final.weight": (w,), "ln_final.bias": (w,), "text_projection": (w, proj)})
+    return shapes
+
+
+def write_sdxl_checkpoint(path: Path, layers: int = 1, seed: int = 0, refiner: bool = False,
+                          without_open_clip: bool = False) -> dict[str, torch.Tensor]:
+    """An SDXL single file in the original SGM layout, fp16 on disk: CLIP ViT-L under
+    ``conditioner.embedders.0.transformer.text_model.`` (with its int64 ``position_ids``, as released) and
+    OpenCLIP ViT-bigG under ``conditioner.embedders.1.model.`` (with ``logit_scale``), at their real widths,
+    ``layers`` deep, with :func:`make_clip_tokenizer`'s vocabulary; plus U-Net/VAE decoys. ``refiner``: the
+    refiner's layout (bigG alone, under ``conditioner.embedders.0.model.``); ``without_open_clip``: CLIP-L
+    alone. Returns every tensor written, by file key, as float32 values of what is on disk."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    if not refiner:
+        prefix = "conditioner.embedders.0.transformer.text_model."
+        clip_l = _sdxl_random(_clip_l_shapes(layers, SMALL_CLIP_VOCAB), generator)
+        tensors.update({prefix + k: v.half() for k, v in clip_l.items()})
+        tensors[prefix + "embeddings.position_ids"] = torch.arange(SDXL_POSITIONS).unsqueeze(0)
+    if not without_open_clip:
+        prefix = "conditioner.embedders.0.model." if refiner else "conditioner.embedders.1.model."
+        clip_g = _sdxl_random(_open_clip_g_shapes(layers, SMALL_CLIP_VOCAB), generator)
+        tensors.update({prefix + k: v.half() for k, v in clip_g.items()})
+        tensors[prefix + "logit_scale"] = torch.tensor(4.6052).half()
+    tensors["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4, 4, 3, 3).half()
+    tensors["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 4, 3, 3).half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
 # ---- parallel text whose translation is a function ----------------------------------------------
 
 COLOURS = {"rouge": "red", "bleu": "blue", "vert": "green", "jaune": "yellow", "noir": "black", "blanc": "white"}

@@ -12,6 +12,10 @@ SECOND_LORA = "second_lora.safetensors"
 SECOND_LORA_KEY = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
 PIXART_TEST_DEPTH = 2
 
+# SDXL: the random-weight SDXL-family checkpoint (tests/support/sdxl_checkpoint.py; no text encoders), by the
+# name it is cached under and Load Checkpoint lists it as.
+SDXL_CHECKPOINT = "sdxl_random.safetensors"
+
 # U-ViT: the released file names; heads = width // 64 and 77 tokens x 768 as the released models have.
 UVIT_FILE = "uvit_small_mscoco.safetensors"
 CLIP_FILE = "clip_l.safetensors"

@@ -17,7 +17,7 @@ from x2i.bridge import load_adapter, map_lora_pairs, read_lora_pairs, text_lora_
 from x2i.bridge.language_models import encode_for_bridge, load_language_model
 from x2i.bridge.lora import pixart_lora_targets
 from x2i.bridge.trained import load_trained_bridge
-from x2i.training import ConfigError, Distributed, RunSettings, train
+from x2i.training import ConfigError, Distributed
 from x2i.training.bridge_task import BridgeTask
 
 # Tiny models: one intra-op thread is faster than two fighting over a shared CPU.
@@ -46,15 +46,7 @@ def bridge_config(source: Path, diffusion: Path, language: Path, **sections) -> 
     return raw
 
 
-def run(raw: dict, output: Path, **settings) -> tuple[BridgeTask, object]:
-    task = BridgeTask.from_config(raw)
-    values = {"batch_size": 8, "log_every": 1, "grad_clip": 1.0, "seed": 3, **settings}
-    return task, train(task, RunSettings(output_dir=str(output), **values), resume="auto")
-
-
-def metrics(output: Path, split: str, key: str) -> list[float]:
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    return [r[key] for r in rows if r["split"] == split]
+run, metrics = bt.run_bridge, bt.run_metrics
 
 
 def test_t5_bridge_learns_and_both_outputs_load(tmp_path, tiny_t5, sd_folder, squares_tsv):

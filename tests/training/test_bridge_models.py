@@ -330,7 +330,7 @@ def test_wrong_bridge_files_are_named(bridge_file, tmp_path):
     cases = {
         write("gluenet.safetensors", format="x2i.gluenet"): "a GlueNet of this pack",
         write("ckpt.safetensors", format="x", **{"x2i.checkpoint": "{}"}): "a training checkpoint",
-        write("newer.safetensors", format_version="2"): "format version '2'.*Update the node pack",
+        write("newer.safetensors", format_version="3"): "format version '3'.*reads versions 1, 2. Update the node pack",
         write("plain.safetensors", {"lora_unet_down.lora_A.weight": torch.zeros(1)}, plain=None): "named LoRA for another loader",
         write("extra.safetensors", {**tensors, "vision.stray.lora_up.weight": torch.zeros(1)}): "not listed in its metadata",
         write("missing.safetensors", {k: v for k, v in tensors.items() if not k.startswith("text.")}): "listed but its tensors are missing",

@@ -457,3 +457,10 @@ def test_two_gloo_processes_train_from_the_shared_caches(tmp_path, world, caches
     assert len(metrics(tmp_path / "two", "train", "loss")) == 3 and len(metrics(tmp_path / "two", "val", "val_eps_mse_ema")) == 1
     trained = load_uvit_state_dict(tmp_path / "two" / "shapes.safetensors")
     assert trained.config == resolve_uvit_config(UViTTask.from_config(raw).model_settings)
+
+
+def test_an_sdxl_text_encoder_is_refused_before_anything_loads(world, tmp_path):
+    raw = uvit_raw(world, tmp_path / "cache")
+    raw["text"]["kind"] = "sdxl"
+    with pytest.raises(ConfigError, match=r"text.kind = 'sdxl': a U-ViT reads SD1.x's CLIP ViT-L/14 text features"):
+        UViTTask.from_config(raw).prepare(Distributed(), logging.getLogger("test"))
