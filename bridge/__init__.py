@@ -1,4 +1,4 @@
-"""LaVi-Bridge: a language model (T5, Llama) bridged to a diffusion model (SD1.x U-Net, PixArt) by an
+"""LaVi-Bridge: a language model (T5, Llama) bridged to a diffusion model (SD1.x or SDXL U-Net, PixArt) by an
 adapter and LoRA in both models. This package reads the released files, reads and writes this pack's
 trained bridge file (``trained.py``), loads either as one bridge (``load.py``) and reproduces the official
 text features; the ComfyUI nodes (``nodes/lavibridge.py``) wrap it."""

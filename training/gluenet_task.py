@@ -2,8 +2,8 @@
 
     python path/to/ComfyUI-X2I train gluenet --config gluenet_fr.toml
 
-The frozen source encoder and SD1.x's CLIP text encoder run once over the data and their features
-are cached on disk (:mod:`training.features`); epochs then read the cache, so training costs only the
+The frozen source encoder and the target (SD1.x's CLIP text encoder, or SDXL's two with ``target.kind = "sdxl"``)
+run once over the data and their features are cached on disk (:mod:`training.features`); epochs then read the cache, so training costs only the
 GlueNet. The objective and the per-modality defaults are the official ones
 (:mod:`training.gluenet_objective`); the result is a ``.safetensors`` GlueNet that X2I GlueNet Loader
 loads, carrying its architecture, scaling, language and encoder in its metadata.
@@ -296,7 +296,8 @@ class GlueNetTask(TrainingTask):
         if not self.source.encoder:
             raise ConfigError("set source.encoder: the frozen encoder the GlueNet translates from")
         if not self.target.clip:
-            raise ConfigError("set target.clip: an SD1.x checkpoint or a Hugging Face CLIP folder")
+            raise ConfigError("set target.clip: an SD1.x checkpoint or a Hugging Face CLIP folder (target.kind = \"sdxl\": "
+                              "an SDXL base checkpoint)")
         listing = build_listing(self.data, seed=self.data_seed)
         self.listing = listing
         out_dim = self.resolved_model()["out_dim"]
