@@ -1,5 +1,6 @@
 """GlueNets from this pack's trainer, loaded by the nodes inside ComfyUI: text (with the router's
-language from the file), sound and point clouds give SD1.x CONDITIONING equal to the trained network."""
+language from the file), sound and point clouds give SD1.x CONDITIONING equal to the trained network, and a text
+GlueNet trained for SDXL gives SDXL CONDITIONING (tokens and pooled vector) equal to it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from support.training import (
     write_parallel_files,
     write_point_cloud_folder,
     write_sd1_checkpoint,
+    write_sdxl_checkpoint,
     write_small_ulip_checkpoint,
     write_urbansound8k,
 )
@@ -23,13 +25,15 @@ from x2i.training import Distributed, RunSettings, section, train
 from x2i.training.gluenet_task import GlueNetTask
 
 
-def train_gluenet(root: Path, name: str, data: dict, source: str, model: dict | None = None) -> Path:
-    """A few steps of a real run with the SD1-wide (768) toy CLIP target; returns the exported file."""
+def train_gluenet(root: Path, name: str, data: dict, source: str, model: dict | None = None, sdxl: bool = False) -> Path:
+    """A few steps of a real run with the SD1-wide (768) toy CLIP target, or the real-width SDXL one; returns the
+    exported file."""
+    target = {"kind": "sdxl", "clip": str(root / "sdxl.safetensors")} if sdxl else {"clip": str(root / "sd15.safetensors")}
     raw = {
         "run": {"output_dir": str(root / name), "max_steps": 3, "batch_size": 4, "precision": "fp32", "device": "cpu"},
         "data": data,
         "source": {"encoder": source},
-        "target": {"clip": str(root / "sd15.safetensors"), "tokenizer": str(root / "sd1_tokenizer")},
+        "target": {**target, "tokenizer": str(root / "sd1_tokenizer")},
         "model": {"depth": 3 if data["modality"] != "text" else 1, "mult": 1, **(model or {})},
         "export": {"name": name},
     }
@@ -55,8 +59,10 @@ def _train_all(comfy, tiny_xlmr, root: Path) -> Path:
         (models / folder).mkdir(exist_ok=True)
         comfy["folder_paths"].folder_names_and_paths[folder] = ([str(models / folder)], {".pt", ".ckpt", ".pth", ".safetensors"})
     source, target = write_parallel_files(root / "text", parallel_corpus()[:24])
-    files = {"text": train_gluenet(root, "gluenet_trained_fr", {"modality": "text", "source_file": str(source), "target_file": str(target)},
-                                   str(tiny_xlmr), {"language": "fr"})}
+    text_data = {"modality": "text", "source_file": str(source), "target_file": str(target)}
+    files = {"text": train_gluenet(root, "gluenet_trained_fr", text_data, str(tiny_xlmr), {"language": "fr"})}
+    write_sdxl_checkpoint(root / "sdxl.safetensors", layers=2)
+    files["sdxl"] = train_gluenet(root, "gluenet_trained_fr_sdxl", text_data, str(tiny_xlmr), {"language": "fr"}, sdxl=True)
     clap = make_clap_folder(models / "audio_encoders" / "clap-tiny", projection_dim=32)
     us8k = write_urbansound8k(root / "us8k", clips_per_fold=1, folds=3)
     files["audio"] = train_gluenet(root, "gluenet_trained_sound", {"modality": "audio", "audio_dir": str(us8k)}, str(clap),
@@ -113,3 +119,20 @@ def test_trained_point_cloud_gluenet_gives_conditioning(pack, trained, comfy, tm
     with torch.no_grad():
         expected = gluenet.patcher.model.translate(encoder.model.encode_points(cloud.to_tensor().unsqueeze(0)))
     torch.testing.assert_close(tokens, expected.cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_trained_sdxl_gluenet_gives_sdxl_conditioning_equal_to_the_network(pack, trained):
+    from x2i.families import SDXL_SIZE_CONDITIONING
+
+    gluenet = pack.X2IGlueNetLoader.execute("gluenet_trained_fr_sdxl.safetensors", "from file").result[0]
+    assert gluenet.language == "fr" and gluenet.patcher.model.config.family.name == "SDXL"
+    encoder = pack.X2ITextEncoderLoader.execute("xlm-roberta-tiny", "auto").result[0]
+    router = pack.X2IGlueNetRouter.execute("auto", gluenet_1=gluenet).result[0]
+    prompt = "un chien bleu sur la plage"
+    ((tokens, options),) = pack.X2IGlueGenTextEncode.execute(encoder, router, prompt).result[0]
+    assert tokens.shape == (1, 77, 2048) and options["pooled_output"].shape == (1, 1280)
+    assert {k: options[k] for k in SDXL_SIZE_CONDITIONING} == SDXL_SIZE_CONDITIONING
+    with torch.no_grad():
+        expected_tokens, expected_pooled = gluenet.patcher.model.translate_with_pooled(encoder.model.encode([prompt]))
+    torch.testing.assert_close(tokens, expected_tokens.cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(options["pooled_output"], expected_pooled.cpu(), atol=1e-5, rtol=1e-5)
